@@ -1,0 +1,5 @@
+"""``python -m mlserve``."""
+
+from mlserve.cli import main
+
+main()

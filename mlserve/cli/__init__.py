@@ -1,0 +1,13 @@
+"""The mlserve command line: one module per command group, wired onto one typer app."""
+
+from __future__ import annotations
+
+from mlserve.cli import store_cmds  # noqa: F401  (registers commands)
+from mlserve.cli.app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

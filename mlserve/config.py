@@ -1,0 +1,28 @@
+"""Where mlserve keeps its state, and the environment it reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The store root: ``$MLSERVE_HOME``, else ``~/.mlserve``."""
+    env = os.environ.get("MLSERVE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".mlserve"
+
+
+def env_value(name: str, default: str | None = None) -> str | None:
+    """Read ``MLSERVE_<NAME>`` from the environment."""
+    return os.environ.get(f"MLSERVE_{name.upper()}", default)
+
+
+def recipes_dir() -> Path:
+    """The directory of bundled recipes (``recipes/`` in the source tree or package)."""
+    override = env_value("RECIPES")
+    if override:
+        return Path(override)
+    packaged = Path(__file__).parent / "recipes"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "recipes"

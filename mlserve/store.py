@@ -1,0 +1,347 @@
+"""The bundle store: content-addressed blobs, immutable manifests, channel pointers.
+
+Layout under ``$MLSERVE_HOME``::
+
+    blobs/sha256-HEX              model bytes, stored once whatever refers to them
+    manifests/NAME/VERSION.json   one canonical JSON manifest per immutable version
+    channels/NAME/CHANNEL.json    {"version": ..., "digest": ...}
+    tmp/                          staging area; files carry the writer's pid
+    lock                          flock guarding every change
+
+Blobs are renamed into place before the manifest that names them, both under the
+lock, so a crash at any point leaves either no bundle or a whole one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlserve import config
+from mlserve.errors import ConflictError, IntegrityError, NotFoundError, UsageError
+from mlserve.fsutil import atomic_write_bytes, copy_hashing, fsync_dir, locked, sha256_file
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+CHANNEL_RE = NAME_RE
+HEX_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def canonical_json(data: dict[str, Any]) -> bytes:
+    """The canonical manifest bytes: sorted keys, no spaces, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest_of(data: bytes) -> str:
+    """``sha256:HEX`` of some bytes."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def check_name(name: str) -> str:
+    """Validate a bundle name against the contract."""
+    if not NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"Invalid name {name!r}.",
+            "Names are 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit.",
+        )
+    return name
+
+
+def check_version(version: str) -> str:
+    """Validate a version string against the contract."""
+    if not VERSION_RE.fullmatch(version):
+        raise UsageError(
+            f"Invalid version {version!r}.",
+            "Versions are 1-64 of A-Z, a-z, 0-9, '.', '_', '+', '-'.",
+        )
+    return version
+
+
+def _version_key(version: str) -> tuple[int, int, str]:
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One immutable bundle version as stored."""
+
+    name: str
+    version: str
+    digest: str
+    manifest: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        """``NAME:VERSION``."""
+        return f"{self.name}:{self.version}"
+
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of the bundle's GGUF model file."""
+        for entry in self.manifest["files"]:
+            if entry.get("role", "model") == "model":
+                return str(entry["sha256"])
+        raise IntegrityError(f"Bundle {self.ref} has no model file in its manifest.")
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest plus its digest, as printed by ``--json``."""
+        return {**self.manifest, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """A file copied into the store's staging area, hashed, not yet visible."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+class Store:
+    """Access to one ``$MLSERVE_HOME``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or config.home()).expanduser()
+        self.blobs = self.root / "blobs"
+        self.manifests = self.root / "manifests"
+        self.channels = self.root / "channels"
+        self.tmp = self.root / "tmp"
+        self.lock_path = self.root / "lock"
+
+    # -- locking and staging -------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock over every change to this store; cleans dead writers' temp files."""
+        with locked(self.lock_path):
+            self._clean_stale_tmp()
+            yield
+
+    def _clean_stale_tmp(self) -> None:
+        if not self.tmp.is_dir():
+            return
+        for entry in self.tmp.iterdir():
+            match = re.match(r"\.\w+-(\d+)-", entry.name)
+            if match and _pid_alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+    def temp_path(self, kind: str) -> Path:
+        """A fresh path in the staging area tagged with this process's pid."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix=f".{kind}-{os.getpid()}-")
+        os.close(fd)
+        return Path(name)
+
+    def stage_file(
+        self,
+        src: Path,
+        progress: Callable[[int], None] | None = None,
+        link: bool = False,
+    ) -> StagedBlob:
+        """Copy (or hard-link, when ``link`` and on one filesystem) ``src`` into staging."""
+        tmp = self.temp_path("blob")
+        if link:
+            try:
+                tmp.unlink()
+                os.link(src, tmp)
+                return StagedBlob(tmp, sha256_file(tmp, progress), tmp.stat().st_size)
+            except OSError:
+                pass
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            sha, size = copy_hashing(fin, fout, progress)
+            fout.flush()
+            os.fsync(fout.fileno())
+        return StagedBlob(tmp, sha, size)
+
+    def stage_stream(
+        self,
+        chunks: Iterator[bytes],
+    ) -> StagedBlob:
+        """Write an iterator of byte chunks into staging, hashing as it goes."""
+        import hashlib
+
+        tmp = self.temp_path("blob")
+        digest = hashlib.sha256()
+        size = 0
+        with open(tmp, "wb") as fout:
+            for block in chunks:
+                digest.update(block)
+                fout.write(block)
+                size += len(block)
+            fout.flush()
+            os.fsync(fout.fileno())
+        return StagedBlob(tmp, digest.hexdigest(), size)
+
+    def blob_path(self, sha256: str) -> Path:
+        """Where the blob with this sha256 lives."""
+        return self.blobs / f"sha256-{sha256}"
+
+    def commit_blob(self, staged: StagedBlob) -> Path:
+        """Move a staged blob into place (caller holds the lock); identical blobs are kept once."""
+        target = self.blob_path(staged.sha256)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        if target.exists() and target.stat().st_size == staged.size:
+            staged.path.unlink(missing_ok=True)
+        else:
+            os.chmod(staged.path, 0o444)
+            os.replace(staged.path, target)
+            fsync_dir(self.blobs)
+        return target
+
+    # -- manifests -----------------------------------------------------------
+    def _manifest_path(self, name: str, version: str) -> Path:
+        return self.manifests / name / f"{version}.json"
+
+    def write_manifest(self, manifest: dict[str, Any]) -> Bundle:
+        """Write a new manifest (caller holds the lock; every blob is already committed)."""
+        name, version = manifest["name"], manifest["version"]
+        for entry in manifest["files"]:
+            if not self.blob_path(entry["sha256"]).is_file():
+                raise IntegrityError(f"Blob {entry['sha256'][:12]} is missing; not writing {name}:{version}.")
+        data = canonical_json(manifest)
+        path = self._manifest_path(name, version)
+        if path.exists():
+            raise ConflictError(f"Version {name}:{version} already exists.")
+        atomic_write_bytes(path, data, self.tmp)
+        return Bundle(name, version, digest_of(data), manifest)
+
+    def _load(self, path: Path) -> Bundle:
+        data = path.read_bytes()
+        manifest = json.loads(data)
+        return Bundle(manifest["name"], manifest["version"], digest_of(data), manifest)
+
+    def bundles(self, name: str | None = None) -> list[Bundle]:
+        """Every stored bundle (of one name, when given), by name then version."""
+        pattern = f"{name}/*.json" if name else "*/*.json"
+        found = [self._load(p) for p in self.manifests.glob(pattern)] if self.manifests.is_dir() else []
+        return sorted(found, key=lambda b: (b.name, _version_key(b.version)))
+
+    def get(self, name: str, version: str) -> Bundle | None:
+        """One version, or None."""
+        path = self._manifest_path(name, version)
+        return self._load(path) if path.is_file() else None
+
+    def next_version(self, name: str) -> str:
+        """The next automatic version number for ``name``."""
+        numbers = [int(b.version) for b in self.bundles(name) if b.version.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+    def remove_manifest(self, bundle: Bundle) -> None:
+        """Delete a version's manifest and any blob no other manifest uses (caller holds the lock)."""
+        path = self._manifest_path(bundle.name, bundle.version)
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+        used = {e["sha256"] for b in self.bundles() for e in b.manifest["files"]}
+        for entry in bundle.manifest["files"]:
+            if entry["sha256"] not in used:
+                self.blob_path(entry["sha256"]).unlink(missing_ok=True)
+
+    # -- channels --------------------------------------------------------------
+    def channel_path(self, name: str, channel: str) -> Path:
+        """The pointer file of ``NAME@CHANNEL``."""
+        return self.channels / name / f"{channel}.json"
+
+    def channel_target(self, name: str, channel: str) -> str | None:
+        """The version a channel points at, or None."""
+        path = self.channel_path(name, channel)
+        if not path.is_file():
+            return None
+        return str(json.loads(path.read_bytes())["version"])
+
+    def set_channel(self, bundle: Bundle, channel: str) -> None:
+        """Point a channel at a bundle (caller holds the lock)."""
+        body = {"version": bundle.version, "digest": bundle.digest}
+        atomic_write_bytes(self.channel_path(bundle.name, channel), canonical_json(body), self.tmp)
+
+    def channels_of(self, bundle: Bundle) -> list[str]:
+        """Channels that point at this bundle."""
+        folder = self.channels / bundle.name
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p.stem for p in folder.glob("*.json") if self.channel_target(bundle.name, p.stem) == bundle.version
+        )
+
+    # -- references ------------------------------------------------------------
+    def resolve(self, ref: str) -> Bundle:
+        """Resolve a REF (``NAME``, ``NAME:VERSION``, ``NAME@CHANNEL``, ``sha256:HEX``)."""
+        if ref.startswith("sha256:"):
+            return self._resolve_digest(ref)
+        if "@" in ref:
+            name, channel = ref.split("@", 1)
+            check_name(name)
+            version = self.channel_target(name, channel)
+            if version is None:
+                raise NotFoundError(f"Channel {ref} does not exist.", "See `mlserve list` and `mlserve promote`.")
+            return self._must_get(name, version, ref)
+        if ":" in ref:
+            name, version = ref.split(":", 1)
+            check_name(name)
+            return self._must_get(name, version, ref)
+        check_name(ref)
+        production = self.channel_target(ref, "production")
+        if production is not None:
+            return self._must_get(ref, production, ref)
+        versions = self.bundles(ref)
+        if not versions:
+            raise NotFoundError(f"No bundle named {ref!r} in {self.root}.", "Run `mlserve list` or `mlserve pull`.")
+        return max(versions, key=lambda b: (b.manifest.get("created_at", ""), _version_key(b.version)))
+
+    def _must_get(self, name: str, version: str, ref: str) -> Bundle:
+        bundle = self.get(name, version)
+        if bundle is None:
+            raise NotFoundError(f"Bundle {ref} not found in {self.root}.", "Run `mlserve list` to see what is stored.")
+        return bundle
+
+    def _resolve_digest(self, ref: str) -> Bundle:
+        prefix = ref.removeprefix("sha256:").lower()
+        if not re.fullmatch(r"[0-9a-f]{12,64}", prefix):
+            raise UsageError(f"Invalid digest reference {ref!r}.", "Give at least 12 hex digits after 'sha256:'.")
+        hits = [b for b in self.bundles() if b.digest.removeprefix("sha256:").startswith(prefix)]
+        if not hits:
+            raise NotFoundError(f"No bundle has digest {ref}.")
+        if len(hits) > 1:
+            raise UsageError(f"Digest prefix {ref} matches {len(hits)} bundles.", "Give more hex digits.")
+        return hits[0]
+
+    # -- integrity -------------------------------------------------------------
+    def verify(self, bundle: Bundle, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Re-hash every blob of a bundle; return the problems found (empty when intact)."""
+        problems = []
+        for entry in bundle.manifest["files"]:
+            path = self.blob_path(entry["sha256"])
+            if not path.is_file():
+                problems.append(f"blob {entry['sha256'][:12]} ({entry['name']}) is missing")
+                continue
+            actual = sha256_file(path, progress)
+            if actual != entry["sha256"]:
+                problems.append(f"blob {entry['sha256'][:12]} ({entry['name']}) has sha256 {actual[:12]}")
+        return problems
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,1 @@
+"""Inference engines behind one narrow async interface (see ``base.Engine``)."""

@@ -1,0 +1,240 @@
+"""The only module that touches llama.cpp: model, context, batches, native samplers.
+
+Everything here runs on the engine thread that owns the context, except tokenising,
+which reads only the (immutable) vocabulary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as ll
+import numpy as np
+
+from mlserve.errors import EngineError
+
+_init_lock = threading.Lock()
+_initialised = False
+
+
+@ll.llama_log_callback  # type: ignore[misc]
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Drop llama.cpp's own log lines; they can echo prompt pieces at debug level."""
+
+
+def _backend_init() -> None:
+    global _initialised
+    with _init_lock:
+        if not _initialised:
+            if os.environ.get("MLSERVE_LLAMA_LOG", "") in ("", "0"):
+                ll.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _initialised = True
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Native sampler chain settings for one sequence."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What this llama.cpp build can do."""
+
+    system_info: str
+    gpu_offload: bool
+    max_devices: int
+
+
+def build_info() -> BuildInfo:
+    """llama.cpp's system info and whether GPU offload is compiled in."""
+    _backend_init()
+    return BuildInfo(
+        system_info=ll.llama_print_system_info().decode(errors="replace").strip(),
+        gpu_offload=bool(ll.llama_supports_gpu_offload()),
+        max_devices=int(ll.llama_max_devices()),
+    )
+
+
+class LlamaModel:
+    """One loaded model with one context of ``n_seq`` sequences of ``n_ctx_seq`` cells each."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx_seq: int,
+        n_seq: int,
+        n_threads: int,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        kv_unified: bool = False,
+        swa_full: bool = False,
+    ) -> None:
+        _backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self.model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise EngineError(f"llama.cpp could not load {path}.", "Run `mlserve verify` and `mlserve doctor`.")
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(ll.llama_model_n_ctx_train(self.model))
+        self.n_ctx_seq = n_ctx_seq
+        self.n_seq = n_seq
+        self.n_batch = n_batch
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = n_ctx_seq * (1 if kv_unified else n_seq)
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        cparams.kv_unified = kv_unified
+        cparams.swa_full = swa_full
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            raise EngineError(f"llama.cpp could not create a context of {cparams.n_ctx} cells for {path}.")
+        self.mem = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(n_batch, 0, 1)
+        self._tok = np.ctypeslib.as_array(self.batch.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(self.batch.pos, shape=(n_batch,))
+        self._nseq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(n_batch,))
+        self._logits = np.ctypeslib.as_array(self.batch.logits, shape=(n_batch,))
+        self._seq = [self.batch.seq_id[i] for i in range(n_batch)]
+        self._nseq[:] = 1
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # -- vocabulary (read-only; safe from any thread) ---------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Tokenise text with the model's tokenizer."""
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token renders to (special tokens render empty)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            n = ll.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+            cached = self._piece_buf.raw[: max(n, 0)]
+            self._pieces[token] = cached
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        """Whether a token ends generation (EOS, EOT, ...)."""
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        """A token's text as stored in the vocabulary (e.g. '<bos>')."""
+        if token < 0:
+            return ""
+        return bytes(ll.llama_vocab_get_text(self.vocab, token)).decode("utf-8", errors="replace")
+
+    def special_tokens(self) -> dict[str, str]:
+        """bos and eos token text, for chat templates."""
+        return {
+            "bos_token": self.token_text(ll.llama_vocab_bos(self.vocab)),
+            "eos_token": self.token_text(ll.llama_vocab_eos(self.vocab)),
+        }
+
+    def add_bos(self) -> bool:
+        """Whether the tokenizer adds BOS itself."""
+        return bool(ll.llama_vocab_get_add_bos(self.vocab))
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as a string."""
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = ll.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", errors="replace")
+
+    # -- the engine thread's operations ------------------------------------------
+    def decode(self, tokens: list[int], pos: list[int], seqs: list[int], want: list[bool]) -> None:
+        """Run one llama_decode over a packed batch; raise EngineError on failure."""
+        n = len(tokens)
+        self._tok[:n] = tokens
+        self._pos[:n] = pos
+        self._logits[:n] = want
+        seq_ptrs = self._seq
+        for i, s in enumerate(seqs):
+            seq_ptrs[i][0] = s
+        self.batch.n_tokens = n
+        rc = ll.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc} for a batch of {n} tokens.")
+
+    def logits(self, index: int) -> Any:
+        """A copy of the logits at a batch index (for tests and diagnostics)."""
+        ptr = ll.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def new_sampler(self, cfg: SamplerConfig) -> Any:
+        """A native sampler chain; greedy when temperature is 0."""
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if cfg.repeat_penalty != 1.0 or cfg.frequency_penalty or cfg.presence_penalty:
+            ll.llama_sampler_chain_add(
+                chain,
+                ll.llama_sampler_init_penalties(
+                    self.n_vocab, cfg.penalty_last_n, cfg.repeat_penalty, cfg.frequency_penalty, cfg.presence_penalty
+                ),
+            )
+        if cfg.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if cfg.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(cfg.top_k))
+        if cfg.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(cfg.top_p, 1))
+        if cfg.min_p > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(cfg.min_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(cfg.temperature))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(cfg.seed & 0xFFFFFFFF))
+        return chain
+
+    def sample(self, sampler: Any, index: int) -> int:
+        """Sample (and accept) the next token from the logits at a batch index."""
+        return int(ll.llama_sampler_sample(sampler, self.ctx, index))
+
+    def free_sampler(self, sampler: Any) -> None:
+        """Release a sampler chain."""
+        ll.llama_sampler_free(sampler)
+
+    def clear_seq(self, seq: int, p0: int = -1) -> bool:
+        """Drop a sequence's KV cells from position ``p0`` on (all when -1)."""
+        return bool(ll.llama_memory_seq_rm(self.mem, seq, p0, -1))
+
+    def seq_pos_min(self, seq: int) -> int:
+        """Smallest position still cached for a sequence (-1 when empty)."""
+        return int(ll.llama_memory_seq_pos_min(self.mem, seq))
+
+    def close(self) -> None:
+        """Free the batch, context and model."""
+        if getattr(self, "ctx", None):
+            ll.llama_batch_free(self.batch)
+            ll.llama_free(self.ctx)
+            ll.llama_model_free(self.model)
+            self.ctx = None

@@ -1,0 +1,294 @@
+"""Continuous batching: one thread owns the llama.cpp context and packs every active
+sequence's next token, plus chunks of newly admitted prompts, into one llama_decode.
+
+Each sequence has its own KV sequence id (its slot), its own native sampler chain and
+its own positions; finished or cancelled sequences free their cells at once and new
+requests join between steps.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlserve.engine.base import (
+    DeadlineExceeded,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    Overloaded,
+    RequestError,
+    TokenEvent,
+)
+from mlserve.engine.llama_model import LlamaModel, SamplerConfig
+from mlserve.errors import EngineError
+
+Deliver = Callable[[list[tuple[Any, Event]]], None]
+
+
+@dataclass
+class StepStats:
+    """Counters the metrics endpoint reads (plain ints: reads need no lock)."""
+
+    active: int = 0
+    queued: int = 0
+    last_batch_tokens: int = 0
+    kv_cells_used: int = 0
+    steps: int = 0
+    batch_tokens_total: int = 0
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class _Seq:
+    """The scheduler's state for one request."""
+
+    __slots__ = ("req", "sink", "slot", "prefilled", "n_past", "last", "generated", "sampler", "utf8", "held", "cancel")
+
+    def __init__(self, req: GenerationRequest, sink: Any) -> None:
+        self.req = req
+        self.sink = sink
+        self.slot = -1
+        self.prefilled = 0
+        self.n_past = 0
+        self.last = -1
+        self.generated = 0
+        self.sampler: Any = None
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.held = ""
+        self.cancel = False
+
+
+def _stop_split(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
+    """Split held text into (emit now, keep holding, hit a stop)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return text[: min(hits)], "", True
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                keep = max(keep, k)
+                break
+    return text[: len(text) - keep], text[len(text) - keep :], False
+
+
+class Scheduler:
+    """Owns the model's context on one thread; requests arrive through ``submit``."""
+
+    def __init__(self, model: LlamaModel, deliver: Deliver, max_queue: int) -> None:
+        self.model = model
+        self.deliver = deliver
+        self.max_queue = max_queue
+        self.stats = StepStats()
+        self.failed: str | None = None
+        self._pending: deque[_Seq] = deque()
+        self._aborted: set[str] = set()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._active: list[_Seq] = []
+        self._free = list(range(model.n_seq - 1, -1, -1))
+        self._thread = threading.Thread(target=self._run, name="mlserve-engine", daemon=True)
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread.start()
+
+    def submit(self, req: GenerationRequest, sink: Any) -> None:
+        """Queue a request; raise Overloaded when the bounded queue is full."""
+        with self._cv:
+            if self.failed is not None:
+                raise Overloaded(f"The engine has failed ({self.failed}).")
+            waiting = len(self._pending)
+            if waiting >= self.max_queue and len(self._active) + waiting >= self.model.n_seq:
+                raise Overloaded(f"The model's queue is full ({waiting} waiting); try again shortly.")
+            req.submitted_at = time.monotonic()
+            self._pending.append(_Seq(req, sink))
+            self.stats.queued = len(self._pending)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Ask the thread to drop a request before its next step."""
+        with self._cv:
+            self._aborted.add(request_id)
+            self._cv.notify()
+
+    def stop(self) -> None:
+        """Stop the thread (after the current step) and wait for it."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # -- the engine thread -------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._step():
+                pass
+        except EngineError as exc:
+            self.failed = exc.message
+            out = [(s.sink, ErrorEvent(Overloaded(f"The engine failed: {exc.message}"))) for s in self._active]
+            with self._cv:
+                out += [(s.sink, ErrorEvent(Overloaded("The engine failed."))) for s in self._pending]
+                self._pending.clear()
+            self.deliver(out)
+        finally:
+            for seq in self._active:
+                if seq.sampler is not None:
+                    self.model.free_sampler(seq.sampler)
+
+    def _admit(self) -> tuple[set[str], bool]:
+        with self._cv:
+            while not self._stopping and not self._pending and not self._active and not self._aborted:
+                self._cv.wait()
+            if self._stopping:
+                return set(), False
+            aborted, self._aborted = self._aborted, set()
+            for seq in self._pending:
+                if seq.req.id in aborted:
+                    seq.cancel = True
+            while self._pending and self._free:
+                seq = self._pending.popleft()
+                if seq.cancel:
+                    continue
+                seq.slot = self._free.pop()
+                seq.req.admitted_at = time.monotonic()
+                self._active.append(seq)
+            if any(s.cancel for s in self._pending):
+                self._pending = deque(s for s in self._pending if not s.cancel)
+            self.stats.queued = len(self._pending)
+        return aborted, True
+
+    def _step(self) -> bool:
+        aborted, running = self._admit()
+        if not running:
+            return False
+        out: list[tuple[Any, Event]] = []
+        now = time.monotonic()
+        self._expire_pending(now, out)
+        for seq in list(self._active):
+            if seq.req.id in aborted:
+                self._release(seq)
+            elif seq.req.deadline is not None and now > seq.req.deadline:
+                self._release(seq)
+                out.append((seq.sink, ErrorEvent(DeadlineExceeded("The request deadline passed; generation stopped."))))
+        if self._active:
+            self._decode_step(out)
+        if out:
+            self.deliver(out)
+        return True
+
+    def _expire_pending(self, now: float, out: list[tuple[Any, Event]]) -> None:
+        with self._cv:
+            expired = [s for s in self._pending if s.req.deadline is not None and now > s.req.deadline]
+            if expired:
+                self._pending = deque(s for s in self._pending if s not in expired)
+        for seq in expired:
+            out.append((seq.sink, ErrorEvent(DeadlineExceeded("The request deadline passed while it was queued."))))
+
+    def _decode_step(self, out: list[tuple[Any, Event]]) -> None:
+        m = self.model
+        tokens: list[int] = []
+        pos: list[int] = []
+        seqs: list[int] = []
+        want: list[bool] = []
+        sample_at: list[tuple[_Seq, int]] = []
+        for seq in self._active:
+            if seq.prefilled == len(seq.req.prompt_tokens):
+                tokens.append(seq.last)
+                pos.append(seq.n_past)
+                seqs.append(seq.slot)
+                want.append(True)
+                sample_at.append((seq, len(tokens) - 1))
+        budget = m.n_batch - len(tokens)
+        prefill: list[tuple[_Seq, int]] = []
+        for seq in self._active:
+            remaining = len(seq.req.prompt_tokens) - seq.prefilled
+            if remaining <= 0 or budget <= 0:
+                continue
+            take = min(budget, remaining)
+            start = seq.prefilled
+            tokens.extend(seq.req.prompt_tokens[start : start + take])
+            pos.extend(range(start, start + take))
+            seqs.extend([seq.slot] * take)
+            want.extend([False] * take)
+            if take == remaining:
+                want[-1] = True
+                sample_at.append((seq, len(tokens) - 1))
+            prefill.append((seq, take))
+            budget -= take
+        m.decode(tokens, pos, seqs, want)
+        st = self.stats
+        st.steps += 1
+        st.last_batch_tokens = len(tokens)
+        st.batch_tokens_total += len(tokens)
+        st.batch_sizes.append(len(tokens))
+        for seq, take in prefill:
+            seq.prefilled += take
+            seq.n_past += take
+        for seq, _ in sample_at:
+            if seq.generated > 0:
+                seq.n_past += 1
+        for seq, index in sample_at:
+            if seq.sampler is None:
+                seq.sampler = m.new_sampler(self._sampler_config(seq.req))
+            self._on_token(seq, m.sample(seq.sampler, index), out)
+        st.active = len(self._active)
+        st.kv_cells_used = sum(s.n_past for s in self._active)
+
+    @staticmethod
+    def _sampler_config(req: GenerationRequest) -> SamplerConfig:
+        s = req.sampling
+        return SamplerConfig(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            repeat_penalty=s.repeat_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            seed=s.seed if s.seed is not None else 0xFFFFFFFF,
+        )
+
+    def _on_token(self, seq: _Seq, token: int, out: list[tuple[Any, Event]]) -> None:
+        seq.generated += 1
+        seq.last = token
+        if self.model.is_eog(token):
+            self._finish(seq, "stop", out)
+            return
+        text = seq.utf8.decode(self.model.piece(token))
+        stops = seq.req.sampling.stop
+        if stops:
+            emit, seq.held, hit = _stop_split(seq.held + text, stops)
+            if hit:
+                seq.held = ""
+                self._finish(seq, "stop", out, emit)
+                return
+            text = emit
+        if seq.generated >= seq.req.sampling.max_tokens:
+            self._finish(seq, "length", out, text)
+            return
+        out.append((seq.sink, TokenEvent(text, 1)))
+
+    def _finish(self, seq: _Seq, reason: str, out: list[tuple[Any, Event]], text: str = "") -> None:
+        tail = text + seq.held + seq.utf8.decode(b"", final=True) if reason == "length" else text
+        out.append((seq.sink, FinishEvent(reason, len(seq.req.prompt_tokens), seq.generated, tail)))
+        self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.sampler is not None:
+            self.model.free_sampler(seq.sampler)
+            seq.sampler = None
+        self.model.clear_seq(seq.slot)
+        self._active.remove(seq)
+        self._free.append(seq.slot)
+        self.stats.active = len(self._active)
+
+
+__all__ = ["Scheduler", "StepStats", "RequestError"]

@@ -1,0 +1,1 @@
+"""The HTTP layer: starlette app, OpenAI routes, health, metrics."""

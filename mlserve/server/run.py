@@ -1,0 +1,77 @@
+"""Run the app under uvicorn with a draining shutdown: SIGTERM makes readiness 503,
+refuses new requests, lets in-flight ones finish (up to the drain timeout), then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+
+from mlserve.server.state import ServerState
+
+log = logging.getLogger("mlserve.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of stopping at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_started = False
+        self.bound: tuple[str, int] | None = None
+
+    async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)  # type: ignore[arg-type]
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self.bound = (host, port)
+                scheme = "https" if self.config.ssl_keyfile else "http"
+                print(f"mlserve: listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_started or self._loop is None:
+            if sig == signal.SIGINT and self._drain_started:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._drain_started = True
+        self.state.draining = True
+        for m in self.state.models:
+            drain = getattr(m.engine, "begin_drain", None)
+            if drain is not None:
+                drain()
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        timeout = self.state.settings.drain_timeout
+        deadline = time.monotonic() + timeout
+        log.info("draining: %d request(s) in flight, up to %.0f s", self.state.in_flight, timeout)
+        while self.state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.state.in_flight:
+            log.warning("drain timeout: %d request(s) still in flight are cut", self.state.in_flight)
+        self.should_exit = True
+
+
+def serve(app: Starlette, host: str, port: int, log_level: str = "info") -> None:
+    """Serve until drained; returns normally (exit 0) after SIGTERM."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    DrainingServer(config, app.state.mlserve).run()

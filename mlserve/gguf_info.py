@@ -160,7 +160,9 @@ def _parse(path: Path, fh: BinaryIO, size: int) -> GGUFFacts:
         data_end = max(data_end, offset + _tensor_bytes(dims, ggml_type))
     if n_tensors == 0:
         raise GGUFError(f"{path} holds no tensors; it is not a model.")
-    align = int(meta.get("general.alignment", 32) or 32)
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+        raise GGUFError(f"{path} is corrupt: general.alignment is {align!r}, not a power of two.")
     start = -(-fh.tell() // align) * align
     if start + data_end > size:
         raise GGUFError(f"{path} is truncated: its tensors need {start + data_end} bytes but the file has {size}.")

@@ -110,8 +110,16 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"field '{where}': {err['msg']}")
+        parts.append(f"field '{where}': {err['msg'].removeprefix('Value error, ')}")
     return f"Recipe {path} is invalid: " + "; ".join(parts) + "."
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one phrase: the problem and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}".rstrip(".")
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -123,7 +131,7 @@ def load_recipe(path: Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"Recipe {path} cannot be read: {exc}.") from exc
     except yaml.YAMLError as exc:
-        raise RecipeError(f"Recipe {path} is not valid YAML: {exc}".rstrip(".") + ".") from exc
+        raise RecipeError(f"Recipe {path} is not valid YAML: {_yaml_problem(exc)}.") from exc
     if not isinstance(raw, dict):
         raise RecipeError(f"Recipe {path} must be a YAML mapping with at least 'name', 'sha256' and 'sources'.")
     try:

@@ -67,6 +67,16 @@ def check_version(version: str) -> str:
     return version
 
 
+def check_channel(channel: str) -> str:
+    """Validate a channel name (same rules as bundle names)."""
+    if not CHANNEL_RE.fullmatch(channel):
+        raise UsageError(
+            f"Invalid channel {channel!r}.",
+            "Channels are 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit.",
+        )
+    return channel
+
+
 def _version_key(version: str) -> tuple[int, int, str]:
     return (0, int(version), "") if version.isdigit() else (1, 0, version)
 
@@ -155,16 +165,26 @@ class Store:
         """Copy (or hard-link, when ``link`` and on one filesystem) ``src`` into staging."""
         tmp = self.temp_path("blob")
         if link:
+            tmp.unlink()
             try:
-                tmp.unlink()
                 os.link(src, tmp)
-                return StagedBlob(tmp, sha256_file(tmp, progress), tmp.stat().st_size)
             except OSError:
-                pass
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            sha, size = copy_hashing(fin, fout, progress)
-            fout.flush()
-            os.fsync(fout.fileno())
+                pass  # another filesystem: copy below
+            else:
+                # Never fall through to the copy once linked: opening tmp for writing would truncate src.
+                try:
+                    return StagedBlob(tmp, sha256_file(tmp, progress), tmp.stat().st_size)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                sha, size = copy_hashing(fin, fout, progress)
+                fout.flush()
+                os.fsync(fout.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return StagedBlob(tmp, sha, size)
 
     def stage_stream(
@@ -177,13 +197,18 @@ class Store:
         tmp = self.temp_path("blob")
         digest = hashlib.sha256()
         size = 0
-        with open(tmp, "wb") as fout:
-            for block in chunks:
-                digest.update(block)
-                fout.write(block)
-                size += len(block)
-            fout.flush()
-            os.fsync(fout.fileno())
+        try:
+            with open(tmp, "wb") as fout:
+                for block in chunks:
+                    digest.update(block)
+                    fout.write(block)
+                    size += len(block)
+                fout.flush()
+                os.fsync(fout.fileno())
+        except BaseException:
+            # A source that fails midway (a truncated archive) must not leave half a blob behind.
+            tmp.unlink(missing_ok=True)
+            raise
         return StagedBlob(tmp, digest.hexdigest(), size)
 
     def blob_path(self, sha256: str) -> Path:
@@ -221,8 +246,13 @@ class Store:
 
     def _load(self, path: Path) -> Bundle:
         data = path.read_bytes()
-        manifest = json.loads(data)
-        return Bundle(manifest["name"], manifest["version"], digest_of(data), manifest)
+        try:
+            manifest = json.loads(data)
+            return Bundle(manifest["name"], manifest["version"], digest_of(data), manifest)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(
+                f"Manifest {path} is damaged and cannot be read.", "Remove that file, then re-pull or re-import it."
+            ) from exc
 
     def bundles(self, name: str | None = None) -> list[Bundle]:
         """Every stored bundle (of one name, when given), by name then version."""
@@ -266,6 +296,7 @@ class Store:
 
     def set_channel(self, bundle: Bundle, channel: str) -> None:
         """Point a channel at a bundle (caller holds the lock)."""
+        check_channel(channel)
         body = {"version": bundle.version, "digest": bundle.digest}
         atomic_write_bytes(self.channel_path(bundle.name, channel), canonical_json(body), self.tmp)
 
@@ -286,6 +317,7 @@ class Store:
         if "@" in ref:
             name, channel = ref.split("@", 1)
             check_name(name)
+            check_channel(channel)
             version = self.channel_target(name, channel)
             if version is None:
                 raise NotFoundError(f"Channel {ref} does not exist.", "See `mlserve list` and `mlserve promote`.")
@@ -293,6 +325,7 @@ class Store:
         if ":" in ref:
             name, version = ref.split(":", 1)
             check_name(name)
+            check_version(version)
             return self._must_get(name, version, ref)
         check_name(ref)
         production = self.channel_target(ref, "production")

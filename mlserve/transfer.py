@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -74,8 +75,18 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
         check_name(manifest["name"])
         check_version(manifest["version"])
         files = manifest["files"]
-        if not files or not all(HEX_RE.fullmatch(f["sha256"]) and isinstance(f["size"], int) for f in files):
-            raise ValueError("bad files list")
+        if not isinstance(files, list) or not files:
+            raise ValueError("no files")
+        for f in files:
+            if not (HEX_RE.fullmatch(f["sha256"]) and isinstance(f["size"], int) and isinstance(f["name"], str)):
+                raise ValueError("bad files list")
+        # list and show read these; a manifest without them would break every later command.
+        if not isinstance(manifest["gguf"], dict) or not isinstance(manifest["gguf"]["architecture"], str):
+            raise ValueError("bad gguf facts")
+        if not isinstance(manifest["created_at"], str):
+            raise ValueError("bad created_at")
+        if not (isinstance(manifest["serving"], dict) and isinstance(manifest["provenance"], dict)):
+            raise ValueError("bad serving or provenance")
     except (ValueError, KeyError, TypeError) as exc:
         raise ArchiveError(f"The archive's manifest.json is not a valid mlserve manifest ({exc}).") from exc
     return dict(manifest)
@@ -92,7 +103,9 @@ def import_archive(store: Store, archive: Path) -> tuple[Bundle, bool]:
             if blob is None:
                 raise ArchiveError(f"The archive lacks the blob sha256-{sha[:12]} that its manifest names.")
             if blob.size != entry["size"]:
-                raise IntegrityError(f"Blob sha256-{sha[:12]} has {blob.size} bytes; the manifest says {entry['size']}.")
+                raise IntegrityError(
+                    f"Blob sha256-{sha[:12]} has {blob.size} bytes; the manifest says {entry['size']}."
+                )
         with store.lock():
             existing = store.get(manifest["name"], manifest["version"])
             if existing is not None:
@@ -121,10 +134,15 @@ def _read_archive(store: Store, archive: Path, staged: dict[str, StagedBlob]) ->
                 if member.name == MANIFEST:
                     if member.size > MAX_MANIFEST:
                         raise ArchiveError("The archive's manifest.json is implausibly large.")
+                    if manifest is not None:
+                        raise ArchiveError("The archive holds manifest.json twice; refusing to import it.")
                     manifest = _parse_manifest(fh.read())
                     continue
                 expected = BLOB_RE.fullmatch(member.name).group(1)  # type: ignore[union-attr]
-                blob = store.stage_stream(iter(lambda: fh.read(CHUNK), b""))
+                blob = store.stage_stream(iter(functools.partial(fh.read, CHUNK), b""))
+                if blob.sha256 in staged:
+                    blob.path.unlink(missing_ok=True)  # a repeated member: keep one staged copy
+                    continue
                 staged[blob.sha256] = blob
                 if blob.sha256 != expected:
                     raise IntegrityError(
@@ -134,7 +152,11 @@ def _read_archive(store: Store, archive: Path, staged: dict[str, StagedBlob]) ->
     except FileNotFoundError as exc:
         raise ArchiveError(f"{archive} does not exist.") from exc
     except (tarfile.TarError, EOFError) as exc:
-        raise ArchiveError(f"{archive} is not a readable tar archive ({exc}).") from exc
+        # tarfile lists every compression it tried on separate lines; the first line says enough.
+        detail = (str(exc).splitlines() or ["damaged"])[0].rstrip(":")
+        raise ArchiveError(f"{archive} is not a readable tar archive ({detail}).") from exc
+    except IsADirectoryError as exc:
+        raise ArchiveError(f"{archive} is a directory, not an export tar.") from exc
     if manifest is None:
         raise ArchiveError(f"{archive} has no manifest.json; it is not an mlserve export.")
     return manifest

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -37,7 +38,8 @@ def emit_json(data: Any) -> None:
 
 def render_error(exc: MlserveError) -> None:
     """One or two plain sentences on stderr."""
-    err.print(f"[bold red]error:[/] {exc.message}", markup=True, soft_wrap=True)
+    # Messages hold paths and patterns like [0-9a-f]; they must never be read as markup.
+    err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
     if exc.hint:
         err.print(f"hint: {exc.hint}", markup=False, soft_wrap=True)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from mlserve.cli.app import app
@@ -21,6 +22,14 @@ JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 
 def _summary(bundle: Bundle, store: Store) -> dict[str, Any]:
     return {**bundle.describe(), "channels": store.channels_of(bundle)}
+
+
+def _print_table(table: Table) -> None:
+    """A table on stdout; piped, at its natural width so scripts never see cropped digests."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=4096)
+    console.print(table)
 
 
 def report_bundle(bundle: Bundle, created: bool, store: Store, as_json: bool, verb: str) -> None:
@@ -74,13 +83,13 @@ def list_(as_json: bool = JSON) -> None:
     if not bundles:
         info(f"No bundles in {store.root}. Add one with `mlserve pull gemma3-270m`.")
         return
-    from rich.console import Console
-
-    Console(highlight=False).print(table)
+    _print_table(table)
 
 
 @app.command()
-def show(ref: str = typer.Argument(..., help="NAME, NAME:VERSION, NAME@CHANNEL or sha256:HEX."), as_json: bool = JSON) -> None:
+def show(
+    ref: str = typer.Argument(..., help="NAME, NAME:VERSION, NAME@CHANNEL or sha256:HEX."), as_json: bool = JSON
+) -> None:
     """Show one bundle's manifest, channels and GGUF facts."""
     store = Store()
     bundle = store.resolve(ref)
@@ -109,17 +118,17 @@ def show(ref: str = typer.Argument(..., help="NAME, NAME:VERSION, NAME@CHANNEL o
     table = Table(show_header=False, box=None)
     for k, v in rows:
         table.add_row(k, v)
-    from rich.console import Console
-
-    Console(highlight=False).print(table)
+    _print_table(table)
 
 
 @app.command()
-def verify(ref: Optional[str] = typer.Argument(None, help="One bundle; all bundles when left out."), as_json: bool = JSON) -> None:
+def verify(
+    ref: Optional[str] = typer.Argument(None, help="One bundle; all bundles when left out."), as_json: bool = JSON
+) -> None:
     """Re-hash every blob; exit 1 when any is missing or altered."""
     store = Store()
     bundles = [store.resolve(ref)] if ref else store.bundles()
-    results = []
+    results: list[dict[str, Any]] = []
     for b in bundles:
         total = sum(int(f["size"]) for f in b.manifest["files"])
         with byte_progress(f"verifying {b.ref}", total, not as_json) as progress:
@@ -130,16 +139,23 @@ def verify(ref: Optional[str] = typer.Argument(None, help="One bundle; all bundl
         emit_json({"ok": not bad, "bundles": results})
     else:
         for r in results:
-            info(f"{'ok  ' if r['ok'] else 'FAIL'} {r['ref']}" + (f": {'; '.join(r['problems'])}" if r["problems"] else ""))
+            info(
+                f"{'ok  ' if r['ok'] else 'FAIL'} {r['ref']}"
+                + (f": {'; '.join(r['problems'])}" if r["problems"] else "")
+            )
     if bad:
         names = ", ".join(r["ref"] for r in bad)
-        raise CheckFailed(f"Verification failed for {names}.", "Re-pull or re-import the bundle, then `mlserve verify` again.")
+        raise CheckFailed(
+            f"Verification failed for {names}.", "Re-pull or re-import the bundle, then `mlserve verify` again."
+        )
 
 
 @app.command()
 def rm(
     ref: str = typer.Argument(..., help="The version to remove."),
-    force: bool = typer.Option(False, "--force", help="Remove even when a channel points at it (the channel goes too)."),
+    force: bool = typer.Option(
+        False, "--force", help="Remove even when a channel points at it (the channel goes too)."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Remove a bundle version (blobs no other version uses go with it)."""
@@ -178,10 +194,10 @@ def export_(
 
 
 @app.command("import")
-def import_(archive: Path = typer.Argument(..., help="A tar written by `mlserve export`."), as_json: bool = JSON) -> None:
+def import_(
+    archive: Path = typer.Argument(..., help="A tar written by `mlserve export`."), as_json: bool = JSON
+) -> None:
     """Import an exported bundle, verifying every hash; nothing is added when a check fails."""
     store = Store()
     bundle, created = import_archive(store, archive)
     report_bundle(bundle, created, store, as_json, "imported")
-
-

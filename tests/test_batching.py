@@ -67,10 +67,10 @@ def alone(model: LlamaModel) -> list[np.ndarray]:
 def _agreement(model: LlamaModel, alone: list[np.ndarray], seq_of: Callable[[int, int], int]) -> tuple[float, float]:
     seqs = _sequences(model)
     together = _batched(model, seqs, seq_of)
-    top = np.mean([np.mean(a.argmax(1) == b.argmax(1)) for a, b in zip(alone, together)])
+    top = np.mean([np.mean(a.argmax(1) == b.argmax(1)) for a, b in zip(alone, together, strict=False)])
     cos = min(
         float(np.min(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
-        for a, b in zip(alone, together)
+        for a, b in zip(alone, together, strict=False)
     )
     return float(top), cos
 
@@ -116,3 +116,27 @@ def test_short_request_overtakes_long_ones(gemma_path: Path) -> None:
 
     order = asyncio.run(run())
     assert order[0] == "short:4", order
+
+
+def test_prefix_reuse_skips_shared_prompt(gemma_path: Path) -> None:
+    system = json.loads(DATA.read_text().splitlines()[0])["dialogue"][:1200]
+
+    async def run() -> tuple[list[str], int, int, int]:
+        engine = LlamaEngine(EngineConfig(gemma_path, "gemma3-270m:1", ctx_size=1024, parallel=2))
+        await engine.start()
+        texts = []
+        prefix = engine.tokenize(system)
+        for question in ("What is the diagnosis?", "What is the diagnosis?", "List the medications."):
+            tokens = prefix + engine.tokenize(" " + question, add_special=False)
+            req = GenerationRequest(question, tokens, Sampling(max_tokens=8, temperature=0))
+            parts = [ev.text async for ev in engine.generate(req)]
+            texts.append("".join(parts))
+        stats = engine.scheduler.stats  # type: ignore[union-attr]
+        await engine.close()
+        return texts, stats.prefix_hits, stats.prefix_tokens_reused, len(prefix)
+
+    texts, hits, reused, n_prefix = asyncio.run(run())
+    # The 2nd and 3rd requests found the whole shared prefix in the slot the 1st one left.
+    assert hits >= 2
+    assert reused >= 2 * n_prefix
+    assert texts[0] == texts[1]  # reusing the cells changes nothing for the same prompt

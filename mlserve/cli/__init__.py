@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from mlserve.cli import store_cmds  # noqa: F401  (registers commands)
+from mlserve.cli import (
+    bench_cmd,  # noqa: F401
+    doctor_cmd,  # noqa: F401
+    health_cmd,  # noqa: F401
+    pull_cmd,  # noqa: F401
+    serve_cmd,  # noqa: F401
+    store_cmds,  # noqa: F401  (registers commands)
+)
 from mlserve.cli.app import app
 
 __all__ = ["app", "main"]

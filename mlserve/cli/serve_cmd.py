@@ -71,7 +71,11 @@ def serve(
         600.0, "--request-timeout", envvar="MLSERVE_REQUEST_TIMEOUT", min=0, help="Per-request deadline (0: none)."
     ),
     drain_timeout: float = typer.Option(
-        30.0, "--drain-timeout", envvar="MLSERVE_DRAIN_TIMEOUT", min=0, help="Seconds in-flight requests get on SIGTERM."
+        30.0,
+        "--drain-timeout",
+        envvar="MLSERVE_DRAIN_TIMEOUT",
+        min=0,
+        help="Seconds in-flight requests get on SIGTERM.",
     ),
     max_queue: int = typer.Option(64, "--max-queue", envvar="MLSERVE_MAX_QUEUE", min=0, help="Requests that may wait."),
     max_body: int = typer.Option(4 << 20, "--max-body", envvar="MLSERVE_MAX_BODY", min=1024, help="Body limit, bytes."),

@@ -40,4 +40,6 @@ class ChatTemplate:
         except ChatTemplateError:
             raise
         except (TemplateError, TypeError, KeyError, IndexError) as exc:
-            raise ChatTemplateError(f"The chat template could not render these messages ({type(exc).__name__}).") from exc
+            raise ChatTemplateError(
+                f"The chat template could not render these messages ({type(exc).__name__})."
+            ) from exc

@@ -22,7 +22,7 @@ _init_lock = threading.Lock()
 _initialised = False
 
 
-@ll.llama_log_callback  # type: ignore[misc]
+@ll.llama_log_callback  # type: ignore[untyped-decorator]
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """Drop llama.cpp's own log lines; they can echo prompt pieces at debug level."""
 
@@ -95,6 +95,7 @@ class LlamaModel:
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(ll.llama_model_n_ctx_train(self.model))
+        self.n_swa = int(ll.llama_model_n_swa(self.model))
         self.n_ctx_seq = n_ctx_seq
         self.n_seq = n_seq
         self.n_batch = n_batch

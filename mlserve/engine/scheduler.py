@@ -2,8 +2,15 @@
 sequence's next token, plus chunks of newly admitted prompts, into one llama_decode.
 
 Each sequence has its own KV sequence id (its slot), its own native sampler chain and
-its own positions; finished or cancelled sequences free their cells at once and new
+its own positions; finished or cancelled sequences give their slot back at once and new
 requests join between steps.
+
+Prefix reuse: a free slot keeps the tokens it last held. A new request takes the free
+slot whose cached tokens share the longest prefix with its prompt, drops the cells after
+that prefix and decodes only the rest. On sliding-window models (Gemma 3) cells older
+than the window are gone once a sequence runs past it; llama_memory_seq_pos_min tells
+whether the prefix is still whole, and if not the slot is cleared and the prompt
+decoded in full.
 """
 
 from __future__ import annotations
@@ -43,12 +50,27 @@ class StepStats:
     steps: int = 0
     batch_tokens_total: int = 0
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+    prefix_hits: int = 0
+    prefix_tokens_reused: int = 0
 
 
 class _Seq:
     """The scheduler's state for one request."""
 
-    __slots__ = ("req", "sink", "slot", "prefilled", "n_past", "last", "generated", "sampler", "utf8", "held", "cancel")
+    __slots__ = (
+        "req",
+        "sink",
+        "slot",
+        "prefilled",
+        "n_past",
+        "last",
+        "generated",
+        "sampler",
+        "utf8",
+        "held",
+        "cancel",
+        "out_tokens",
+    )
 
     def __init__(self, req: GenerationRequest, sink: Any) -> None:
         self.req = req
@@ -62,6 +84,15 @@ class _Seq:
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self.held = ""
         self.cancel = False
+        self.out_tokens: list[int] = []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _stop_split(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
@@ -93,6 +124,7 @@ class Scheduler:
         self._stopping = False
         self._active: list[_Seq] = []
         self._free = list(range(model.n_seq - 1, -1, -1))
+        self._cached: dict[int, list[int]] = {}  # free slot -> tokens still in its KV cells
         self._thread = threading.Thread(target=self._run, name="mlserve-engine", daemon=True)
 
     def start(self) -> None:
@@ -133,7 +165,9 @@ class Scheduler:
                 pass
         except EngineError as exc:
             self.failed = exc.message
-            out = [(s.sink, ErrorEvent(Overloaded(f"The engine failed: {exc.message}"))) for s in self._active]
+            out: list[tuple[Any, Event]] = [
+                (s.sink, ErrorEvent(Overloaded(f"The engine failed: {exc.message}"))) for s in self._active
+            ]
             with self._cv:
                 out += [(s.sink, ErrorEvent(Overloaded("The engine failed."))) for s in self._pending]
                 self._pending.clear()
@@ -157,13 +191,35 @@ class Scheduler:
                 seq = self._pending.popleft()
                 if seq.cancel:
                     continue
-                seq.slot = self._free.pop()
+                self._assign_slot(seq)
                 seq.req.admitted_at = time.monotonic()
                 self._active.append(seq)
             if any(s.cancel for s in self._pending):
                 self._pending = deque(s for s in self._pending if not s.cancel)
             self.stats.queued = len(self._pending)
         return aborted, True
+
+    def _assign_slot(self, seq: _Seq) -> None:
+        """Give ``seq`` the free slot sharing the longest prompt prefix; keep only that prefix."""
+        prompt = seq.req.prompt_tokens
+        shared = {slot: _common_prefix(self._cached.get(slot, []), prompt) for slot in self._free}
+        # Longest shared prefix first; on a tie, a slot with nothing cached, so other caches live on.
+        slot = max(self._free, key=lambda s: (shared[s], s not in self._cached))
+        self._free.remove(slot)
+        self._cached.pop(slot, None)
+        reuse = min(shared[slot], len(prompt) - 1)
+        if reuse > 0 and self.model.clear_seq(slot, reuse) and self._prefix_whole(slot, reuse):
+            seq.prefilled = seq.n_past = reuse
+            self.stats.prefix_hits += 1
+            self.stats.prefix_tokens_reused += reuse
+        else:
+            self.model.clear_seq(slot)
+        seq.slot = slot
+
+    def _prefix_whole(self, slot: int, reuse: int) -> bool:
+        """Whether every cell the next token attends to is still cached (sliding windows prune)."""
+        pos_min = self.model.seq_pos_min(slot)
+        return 0 <= pos_min <= max(0, reuse - self.model.n_swa) if self.model.n_swa > 0 else pos_min == 0
 
     def _step(self) -> bool:
         aborted, running = self._admit()
@@ -259,6 +315,7 @@ class Scheduler:
     def _on_token(self, seq: _Seq, token: int, out: list[tuple[Any, Event]]) -> None:
         seq.generated += 1
         seq.last = token
+        seq.out_tokens.append(token)
         if self.model.is_eog(token):
             self._finish(seq, "stop", out)
             return
@@ -285,7 +342,8 @@ class Scheduler:
         if seq.sampler is not None:
             self.model.free_sampler(seq.sampler)
             seq.sampler = None
-        self.model.clear_seq(seq.slot)
+        # The slot keeps its cells: the next request with the same prefix reuses them.
+        self._cached[seq.slot] = (seq.req.prompt_tokens + seq.out_tokens)[: seq.n_past]
         self._active.remove(seq)
         self._free.append(seq.slot)
         self.stats.active = len(self._active)

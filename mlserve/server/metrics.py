@@ -23,9 +23,15 @@ class _EngineCollector(Collector):
         active = GaugeMetricFamily("mlserve_active_sequences", "Sequences decoding in the batch", labels=["model"])
         queued = GaugeMetricFamily("mlserve_queue_depth", "Requests waiting for a sequence slot", labels=["model"])
         cells = GaugeMetricFamily("mlserve_kv_cells_used", "KV cache cells held by active sequences", labels=["model"])
-        last = GaugeMetricFamily("mlserve_batch_tokens_last", "Tokens in the most recent llama_decode", labels=["model"])
+        last = GaugeMetricFamily(
+            "mlserve_batch_tokens_last", "Tokens in the most recent llama_decode", labels=["model"]
+        )
         steps = CounterMetricFamily("mlserve_decode_steps", "llama_decode calls", labels=["model"])
         tokens = CounterMetricFamily("mlserve_batch_tokens", "Tokens packed into llama_decode calls", labels=["model"])
+        hits = CounterMetricFamily("mlserve_prefix_cache_hits", "Requests that reused cached prefix cells", labels=["model"])
+        reused = CounterMetricFamily(
+            "mlserve_prefix_cache_tokens", "Prompt tokens taken from the prefix cache", labels=["model"]
+        )
         for model, st in self._stats():
             active.add_metric([model], st.active)
             queued.add_metric([model], st.queued)
@@ -33,7 +39,9 @@ class _EngineCollector(Collector):
             last.add_metric([model], st.last_batch_tokens)
             steps.add_metric([model], st.steps)
             tokens.add_metric([model], st.batch_tokens_total)
-        yield from (active, queued, cells, last, steps, tokens)
+            hits.add_metric([model], st.prefix_hits)
+            reused.add_metric([model], st.prefix_tokens_reused)
+        yield from (active, queued, cells, last, steps, tokens, hits, reused)
 
 
 class Metrics:

@@ -23,7 +23,6 @@ from mlserve.engine.base import (
     Overloaded,
     RequestError,
     Sampling,
-    TokenEvent,
 )
 from mlserve.server import sse
 from mlserve.server.schemas import ChatRequest, CompletionRequest, _Sampling, describe_validation
@@ -168,7 +167,9 @@ async def _handle(request: Request, kind: str) -> Response:
     return response
 
 
-def _build(body: ChatRequest | CompletionRequest, model: ServedModel, state: ServerState, rid: str) -> GenerationRequest:
+def _build(
+    body: ChatRequest | CompletionRequest, model: ServedModel, state: ServerState, rid: str
+) -> GenerationRequest:
     engine: Any = model.engine
     if isinstance(body, ChatRequest):
         tokens = engine.chat_tokens(body.template_messages())

@@ -1,0 +1,132 @@
+"""Aggregate output tokens/s at concurrency 1/4/8/16, side by side in one run:
+
+- a bare batched llama_decode loop (B sequences, one token each per decode, native samplers),
+- mlserve serve over HTTP (streamed /v1/completions, continuous batching),
+- llama.cpp's own llama-server over HTTP, when --llama-server BIN is given.
+
+    python benchmarks/concurrency.py [--ref gemma3-270m] [--llama-server PATH] [--tokens 64]
+
+Each HTTP level runs `concurrency` clients that each send --rounds requests back to back
+(distinct short prompts, max_tokens=--tokens, greedy); aggregate = completion tokens
+(from the server's usage) / wall time. Servers run one at a time, never side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Server, start_llama_server, start_mlserve, stream_completion  # noqa: E402
+
+from mlserve.engine.llama_engine import default_threads  # noqa: E402
+from mlserve.engine.llama_model import LlamaModel, SamplerConfig  # noqa: E402
+from mlserve.store import Store  # noqa: E402
+
+LEVELS = (1, 4, 8, 16)
+CTX = 1024
+
+
+def prompt(i: int) -> str:
+    return f"Story number {i}: Once upon a time"
+
+
+def bare_batched(path: Path, levels: tuple[int, ...], n_tokens: int, threads: int) -> dict[int, float]:
+    """Tokens/s of B sequences decoded together, one token each per llama_decode (prefill excluded)."""
+    model = LlamaModel(path, n_ctx_seq=CTX, n_seq=max(levels), n_threads=threads)
+    out = {}
+    try:
+        for b in levels:
+            prompts = [model.tokenize(prompt(i)) for i in range(b)]
+            samplers = [model.new_sampler(SamplerConfig(temperature=0)) for _ in range(b)]
+            tokens, pos, seqs, want, last = [], [], [], [], []
+            for s, p in enumerate(prompts):
+                tokens += p
+                pos += range(len(p))
+                seqs += [s] * len(p)
+                want += [False] * (len(p) - 1) + [True]
+                last.append(len(tokens) - 1)
+            model.decode(tokens, pos, seqs, want)
+            cur = [model.sample(samplers[s], last[s]) for s in range(b)]
+            n_past = [len(p) for p in prompts]
+            t0 = time.perf_counter()
+            for k in range(n_tokens - 1):
+                model.decode(cur, [n + k for n in n_past], list(range(b)), [True] * b)
+                cur = [model.sample(samplers[s], s) for s in range(b)]
+            out[b] = b * (n_tokens - 1) / (time.perf_counter() - t0)
+            for s in range(b):
+                model.free_sampler(samplers[s])
+                model.clear_seq(s)
+    finally:
+        model.close()
+    return out
+
+
+async def http_level(url: str, model: str, concurrency: int, rounds: int, n_tokens: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await stream_completion(client, url, model, prompt(999), 4)
+
+        async def worker(w: int) -> int:
+            total = 0
+            for r in range(rounds):
+                total += (await stream_completion(client, url, model, prompt(w * rounds + r), n_tokens)).tokens
+            return total
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return sum(counts) / (time.perf_counter() - t0)
+
+
+def http_levels(server: Server, model: str, levels: tuple[int, ...], rounds: int, n_tokens: int) -> dict[int, float]:
+    try:
+        return {c: asyncio.run(http_level(server.url, model, c, rounds, n_tokens)) for c in levels}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref", default="gemma3-270m")
+    parser.add_argument("--llama-server", default=None, help="path to llama.cpp's llama-server binary")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    args = parser.parse_args()
+    levels = tuple(int(x) for x in args.levels.split(","))
+    store = Store()
+    bundle = store.resolve(args.ref)
+    path = store.blob_path(bundle.model_sha256)
+    threads = default_threads()
+    par = str(max(levels))
+    bare = bare_batched(path, levels, args.tokens, threads)
+    ours = http_levels(
+        start_mlserve(bundle.ref, "--parallel", par, "--ctx-size", str(CTX)),
+        bundle.ref,
+        levels,
+        args.rounds,
+        args.tokens,
+    )
+    theirs: dict[int, float] = {}
+    if args.llama_server:
+        server = start_llama_server(args.llama_server, path, max(levels), CTX, threads, 18731)
+        theirs = http_levels(server, bundle.ref, levels, args.rounds, args.tokens)
+    print(f"model {bundle.ref} ({bundle.digest[:19]}), {threads} threads, {args.tokens} output tokens/request")
+    cols = ("conc", "bare loop", "mlserve", "llama-server", "mlserve/bare", "mlserve/llama-server")
+    head = " | ".join(f"{c:>{w}}" for c, w in zip(cols, (4, 9, 8, 12, 12, 20), strict=True))
+    print(head)
+    print("-" * len(head))
+    for c in levels:
+        ls = theirs.get(c)
+        ls_txt = f"{ls:12.1f}" if ls else f"{'-':>12}"
+        ratio = f"{ours[c] / ls:20.2f}" if ls else f"{'-':>20}"
+        print(f"{c:>4} | {bare[c]:9.1f} | {ours[c]:8.1f} | {ls_txt} | {ours[c] / bare[c]:12.2f} | {ratio}")
+
+
+if __name__ == "__main__":
+    main()

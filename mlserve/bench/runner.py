@@ -1,0 +1,87 @@
+"""Run a benchmark plan: warm up, then each level in turn, summarised with vLLM's metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlserve.bench.client import ClientPool
+from mlserve.bench.loadgen import Level, LoadGenerator, OnResult
+from mlserve.bench.metrics import summarize
+from mlserve.bench.workload import Workload
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one benchmark run needs."""
+
+    base_url: str
+    workload: Workload
+    levels: Sequence[Level]
+    warmup: int = 1
+    burstiness: float = 1.0
+    seed: int = 0
+    slo: dict[str, float] = field(default_factory=dict)
+    timeout: float = 600.0
+    api_key: str | None = None
+
+    def connections(self) -> int:
+        """Connections the pool needs: the largest concurrency (or every request, for an uncapped open loop)."""
+        caps = [lv.concurrency if lv.concurrency else len(self.workload.bodies) for lv in self.levels]
+        return max([1, *caps])
+
+
+@dataclass
+class Hooks:
+    """Callbacks for progress display; all optional."""
+
+    level_start: Callable[[Level, int], None] | None = None
+    result: OnResult | None = None
+    level_done: Callable[[Level, dict[str, Any]], None] | None = None
+
+
+async def run_async(plan: Plan, hooks: Hooks | None = None) -> list[dict[str, Any]]:
+    """Run every level of the plan; return one vLLM-style result dict per level."""
+    hooks = hooks or Hooks()
+    pool = ClientPool(plan.connections(), plan.timeout, plan.api_key)
+    gen = LoadGenerator(pool, plan.base_url + plan.workload.route)
+    bodies = plan.workload.bodies
+    out = []
+    try:
+        if plan.warmup and plan.levels:
+            first = plan.levels[0].concurrency or 1
+            warm = [bodies[i % len(bodies)] for i in range(plan.warmup)]
+            await gen.closed(warm, first)
+        for level in plan.levels:
+            if hooks.level_start:
+                hooks.level_start(level, len(bodies))
+            results, duration = await gen.run(level, bodies, plan.burstiness, plan.seed, hooks.result)
+            summary = summarize(
+                results,
+                duration,
+                max_concurrency=level.concurrency,
+                request_rate=level.rate,
+                burstiness=plan.burstiness,
+                slo=plan.slo,
+            )
+            if hooks.level_done:
+                hooks.level_done(level, summary)
+            out.append(summary)
+    finally:
+        await pool.aclose()
+    return out
+
+
+def run(plan: Plan, hooks: Hooks | None = None) -> list[dict[str, Any]]:
+    """Synchronous wrapper of :func:`run_async`."""
+    return asyncio.run(run_async(plan, hooks))
+
+
+def levels_from(concurrency: Sequence[int], rates: Sequence[float]) -> list[Level]:
+    """Closed-loop levels for each concurrency; with rates, open-loop levels (each capped by each concurrency)."""
+    if not rates:
+        return [Level(c) for c in concurrency] or [Level(1)]
+    caps: Sequence[int | None] = concurrency or [None]
+    return [Level(c, r) for r in rates for c in caps]

@@ -4,7 +4,7 @@ Layout under ``$MLSERVE_HOME``::
 
     blobs/sha256-HEX              model bytes, stored once whatever refers to them
     manifests/NAME/VERSION.json   one canonical JSON manifest per immutable version
-    channels/NAME/CHANNEL.json    {"version": ..., "digest": ...}
+    channels/NAME/CHANNEL.json    {"version", "digest", ...}; moves and history: mlserve.channels
     tmp/                          staging area; files carry the writer's pid
     lock                          flock guarding every change
 
@@ -287,12 +287,28 @@ class Store:
         """The pointer file of ``NAME@CHANNEL``."""
         return self.channels / name / f"{channel}.json"
 
-    def channel_target(self, name: str, channel: str) -> str | None:
-        """The version a channel points at, or None."""
+    def channel_pointer(self, name: str, channel: str) -> dict[str, Any] | None:
+        """The pointer file's content (``version``, ``digest``, maybe ``previous`` and ``canary``), or None."""
         path = self.channel_path(name, channel)
-        if not path.is_file():
+        try:
+            body = json.loads(path.read_bytes())
+        except FileNotFoundError:
             return None
-        return str(json.loads(path.read_bytes())["version"])
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "version" not in body:
+            raise IntegrityError(f"Channel pointer {path} is damaged.", "Promote a version to that channel again.")
+        return body
+
+    def channel_target(self, name: str, channel: str) -> str | None:
+        """The (stable) version a channel points at, or None."""
+        body = self.channel_pointer(name, channel)
+        return None if body is None else str(body["version"])
+
+    def write_channel(self, name: str, channel: str, body: dict[str, Any]) -> None:
+        """Replace a channel's pointer file atomically (caller holds the lock)."""
+        check_channel(channel)
+        atomic_write_bytes(self.channel_path(name, channel), canonical_json(body), self.tmp)
 
     def set_channel(self, bundle: Bundle, channel: str) -> None:
         """Point a channel at a bundle (caller holds the lock)."""
@@ -301,13 +317,16 @@ class Store:
         atomic_write_bytes(self.channel_path(bundle.name, channel), canonical_json(body), self.tmp)
 
     def channels_of(self, bundle: Bundle) -> list[str]:
-        """Channels that point at this bundle."""
+        """Channels that send requests to this bundle, as their stable target or their canary."""
         folder = self.channels / bundle.name
         if not folder.is_dir():
             return []
-        return sorted(
-            p.stem for p in folder.glob("*.json") if self.channel_target(bundle.name, p.stem) == bundle.version
-        )
+        found = []
+        for path in folder.glob("*.json"):
+            body = self.channel_pointer(bundle.name, path.stem) or {}
+            if bundle.version in (body.get("version"), (body.get("canary") or {}).get("version")):
+                found.append(path.stem)
+        return sorted(found)
 
     # -- references ------------------------------------------------------------
     def resolve(self, ref: str) -> Bundle:

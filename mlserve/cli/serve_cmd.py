@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from mlserve.audit import audit_dir
+from mlserve.cli import serve_security
 from mlserve.cli.app import app
 from mlserve.cli.console import info
-from mlserve.errors import IntegrityError, UsageError
+from mlserve.errors import IntegrityError
+from mlserve.keys import keys_path
 from mlserve.store import Bundle, Store
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _served(store: Store, bundle: Bundle, opts: dict[str, Optional[int]], max_queue: int):  # type: ignore[no-untyped-def]
@@ -58,6 +51,18 @@ def _served(store: Store, bundle: Bundle, opts: dict[str, Optional[int]], max_qu
     )
 
 
+def _follow_plan(
+    store: Store, refs: list[str], models: list[Any], opts: dict[str, Optional[int]], max_queue: int
+) -> Any:
+    """Models served as NAME@CHANNEL follow their channel: a FollowPlan, or None when there are none."""
+    from mlserve.server.follow import FollowPlan
+
+    pairs = tuple((m, ref.split("@", 1)[1]) for ref, m in zip(refs, models, strict=True) if "@" in ref)
+    if not pairs:
+        return None
+    return FollowPlan(store, lambda bundle: _served(store, bundle, opts, max_queue), pairs)
+
+
 @app.command()
 def serve(
     refs: list[str] = typer.Argument(..., help="Bundles to serve: NAME, NAME:VERSION, NAME@CHANNEL or sha256:HEX."),
@@ -83,14 +88,28 @@ def serve(
         None, "--max-tokens-cap", envvar="MLSERVE_MAX_TOKENS_CAP", min=1, help="Refuse larger max_tokens."
     ),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without TLS and keys."),
+    tls_cert: Optional[str] = typer.Option(
+        None, "--tls-cert", envvar="MLSERVE_TLS_CERT", help="PEM certificate chain (turns on HTTPS)."
+    ),
+    tls_key: Optional[str] = typer.Option(None, "--tls-key", envvar="MLSERVE_TLS_KEY", help="PEM private key."),
+    tls_client_ca: Optional[str] = typer.Option(
+        None, "--tls-client-ca", envvar="MLSERVE_TLS_CLIENT_CA", help="Require client certificates signed by this CA."
+    ),
+    rate_limit: int = typer.Option(
+        600,
+        "--rate-limit",
+        envvar="MLSERVE_RATE_LIMIT",
+        min=0,
+        help="Requests per minute per API key (per client address without keys); 0: off.",
+    ),
+    log_content: bool = typer.Option(
+        False, "--log-content", help="Log prompt and completion text at INFO (PHI!); off by default."
+    ),
     log_level: str = typer.Option("info", "--log-level", envvar="MLSERVE_LOG_LEVEL", help="debug, info, warning."),
 ) -> None:
     """Serve bundles over an OpenAI-compatible HTTP API (loopback only by default)."""
-    if not _is_loopback(host) and not insecure:
-        raise UsageError(
-            f"Refusing to bind {host}: a non-loopback address would expose the models without TLS or API keys.",
-            "Bind 127.0.0.1 and put a TLS proxy in front, or pass --insecure if this network is trusted.",
-        )
+    tls = serve_security.load_tls(tls_cert, tls_key, tls_client_ca)
+    serve_security.check_exposure(host, insecure, tls is not None)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = Store()
     bundles = [store.resolve(ref) for ref in refs]
@@ -100,17 +119,23 @@ def serve(
             raise IntegrityError(
                 f"Refusing to serve {bundle.ref}: {problems[0]}.", "Run `mlserve verify` and re-pull the bundle."
             )
+        serve_security.check_chat_template(store, bundle)
     from mlserve.server.app import create_app
     from mlserve.server.run import serve as run_server
     from mlserve.server.state import ServerSettings
 
     opts = {"ctx_size": ctx_size, "parallel": parallel, "threads": threads, "gpu_layers": gpu_layers}
     models = [_served(store, b, opts, max_queue) for b in bundles]
+    follow = _follow_plan(store, refs, models, opts, max_queue)
     settings = ServerSettings(
         request_timeout=request_timeout or None,
         drain_timeout=drain_timeout,
         max_body_bytes=max_body,
         max_tokens_cap=max_tokens_cap,
+        keys_file=str(keys_path()),
+        audit_dir=str(audit_dir()),
+        rate_limit=rate_limit,
+        log_content=log_content,
     )
     info(f"serving {', '.join(b.ref for b in bundles)}")
-    run_server(create_app(models, settings), host, port, log_level.lower())
+    run_server(create_app(models, settings, follow), host, port, log_level.lower(), tls=tls)

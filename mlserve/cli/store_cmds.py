@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mlserve.channels import release
 from mlserve.cli.app import app
 from mlserve.cli.console import byte_progress, emit_json, human_size, info
 from mlserve.errors import CheckFailed, ConflictError
@@ -154,7 +155,7 @@ def verify(
 def rm(
     ref: str = typer.Argument(..., help="The version to remove."),
     force: bool = typer.Option(
-        False, "--force", help="Remove even when a channel points at it (the channel goes too)."
+        False, "--force", help="Remove even when a channel points at it (the channel, or its canary, goes too)."
     ),
     as_json: bool = JSON,
 ) -> None:
@@ -169,7 +170,7 @@ def rm(
                 "Promote another version first, or pass --force.",
             )
         for channel in channels:
-            store.channel_path(bundle.name, channel).unlink(missing_ok=True)
+            release(store, bundle, channel)
         store.remove_manifest(bundle)
     if as_json:
         emit_json({"removed": bundle.ref, "digest": bundle.digest, "channels_removed": channels})

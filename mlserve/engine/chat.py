@@ -43,3 +43,28 @@ class ChatTemplate:
             raise ChatTemplateError(
                 f"The chat template could not render these messages ({type(exc).__name__})."
             ) from exc
+
+
+SAMPLE_CONVERSATION = [
+    {"role": "user", "content": "Hello."},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+]
+
+
+def checked_template(source: str, special: dict[str, str]) -> ChatTemplate:
+    """Compile a template and render a two-message sample in the sandbox; EngineError if either fails.
+
+    A template that raises, or reaches for attributes the sandbox forbids, is refused at
+    load instead of failing every chat request later.
+    """
+    template = ChatTemplate(source, special)
+    try:
+        template.render(SAMPLE_CONVERSATION, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        cause = exc.__cause__
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else exc.message
+        raise EngineError(
+            f"The model's chat template fails to render a sample conversation in the sandbox ({why}).",
+            "Fix the template in the bundle's recipe (serving.chat_template) or serve a different GGUF.",
+        ) from exc
+    return template

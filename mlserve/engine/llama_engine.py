@@ -21,7 +21,7 @@ from mlserve.engine.base import (
     RequestError,
     Sampling,
 )
-from mlserve.engine.chat import ChatTemplate, ChatTemplateError
+from mlserve.engine.chat import ChatTemplate, ChatTemplateError, checked_template
 from mlserve.engine.llama_model import LlamaModel
 from mlserve.engine.scheduler import Scheduler
 from mlserve.errors import EngineError
@@ -96,7 +96,7 @@ class LlamaEngine:
         )
         source = c.chat_template or model.meta("tokenizer.chat_template")
         if source:
-            self._template = ChatTemplate(source, model.special_tokens())
+            self._template = checked_template(source, model.special_tokens())
         return model
 
     def begin_drain(self) -> None:

@@ -9,13 +9,15 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlserve.engine.base import RequestError
 from mlserve.errors import EngineError, InvalidInputError, MlserveError, NotFoundError
-from mlserve.server import health, routes_openai
+from mlserve.server import auth, health, routes_openai
+from mlserve.server.follow import Followers, FollowPlan
 from mlserve.server.state import ServedModel, ServerSettings, ServerState
 
 log = logging.getLogger("mlserve.server")
@@ -48,17 +50,28 @@ def map_error(exc: Exception, retry_after: int = 1) -> Response:
     return error_response(500, "Internal server error.", "server_error", None)
 
 
-def create_app(models: list[ServedModel], settings: ServerSettings | None = None) -> Starlette:
-    """Build the app; engines start in the background so health answers while they load."""
+def create_app(
+    models: list[ServedModel], settings: ServerSettings | None = None, follow: FollowPlan | None = None
+) -> Starlette:
+    """Build the app; engines start in the background so health answers while they load.
+
+    With ``follow``, models served as ``NAME@CHANNEL`` switch versions when their channel moves.
+    """
     state = ServerState(models, settings or ServerSettings())
+    followers = Followers(state, follow) if follow is not None else None
+    guard = auth.build_guard(state.settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loader = asyncio.create_task(_start_all(state))
+        if followers is not None:
+            followers.start()
         try:
             yield
         finally:
             loader.cancel()
+            if followers is not None:
+                await followers.close()
             for m in state.models:
                 await m.engine.close()
 
@@ -76,8 +89,11 @@ def create_app(models: list[ServedModel], settings: ServerSettings | None = None
         routes=routes,
         lifespan=lifespan,
         exception_handlers={Exception: on_error, HTTPException: on_error, MlserveError: on_error},
+        middleware=[Middleware(auth.AuthMiddleware, guard=guard)],
     )
     app.state.mlserve = state
+    app.state.reload = followers.reload if followers is not None else None  # SIGHUP (run.py)
+    app.state.guard = guard
     return app
 
 

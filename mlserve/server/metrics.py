@@ -28,7 +28,9 @@ class _EngineCollector(Collector):
         )
         steps = CounterMetricFamily("mlserve_decode_steps", "llama_decode calls", labels=["model"])
         tokens = CounterMetricFamily("mlserve_batch_tokens", "Tokens packed into llama_decode calls", labels=["model"])
-        hits = CounterMetricFamily("mlserve_prefix_cache_hits", "Requests that reused cached prefix cells", labels=["model"])
+        hits = CounterMetricFamily(
+            "mlserve_prefix_cache_hits", "Requests that reused cached prefix cells", labels=["model"]
+        )
         reused = CounterMetricFamily(
             "mlserve_prefix_cache_tokens", "Prompt tokens taken from the prefix cache", labels=["model"]
         )

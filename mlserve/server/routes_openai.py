@@ -25,6 +25,7 @@ from mlserve.engine.base import (
     Sampling,
 )
 from mlserve.server import sse
+from mlserve.server.auditing import RequestAudit
 from mlserve.server.schemas import ChatRequest, CompletionRequest, _Sampling, describe_validation
 from mlserve.server.state import ServedModel, ServerState
 
@@ -51,6 +52,7 @@ async def list_models(request: Request) -> JSONResponse:
             "version": m.version,
             "digest": m.digest,
             "ready": m.engine.health().ready,
+            **state.canary_of(ident),
         }
         for ident, m in state.public_ids()
     ]
@@ -128,9 +130,11 @@ async def _handle(request: Request, kind: str) -> Response:
     rid = _request_id(request)
     route = request.url.path
     started = time.monotonic()
+    audit = RequestAudit(request.scope, rid, route)
     model: ServedModel | None = None
     try:
         body_raw = await _read_json(request, state.settings.max_body_bytes)
+        audit.prompt(body_raw)
         try:
             body: ChatRequest | CompletionRequest = (
                 ChatRequest.model_validate(body_raw) if kind == "chat" else CompletionRequest.model_validate(body_raw)
@@ -138,6 +142,7 @@ async def _handle(request: Request, kind: str) -> Response:
         except ValidationError as exc:
             raise RequestError(describe_validation(exc)) from None
         model = state.lookup(body.model)
+        model.in_flight += 1  # from here on a channel switch waits for this request before closing the model
         if state.draining:
             raise Overloaded("The server is shutting down; send the request to another instance.")
         health = model.engine.health()
@@ -153,10 +158,13 @@ async def _handle(request: Request, kind: str) -> Response:
 
         response = map_error(exc, state.settings.retry_after)
         _headers(response, rid, model)
+        audit.finish(response.status_code, model)
+        if model is not None:
+            model.in_flight -= 1
         state.metrics.requests.labels(model.id if model else "", route, str(response.status_code)).inc()
         log.info("request %s %s status=%d", rid, route, response.status_code)
         return response
-    tracker = _Tracker(state, model, route, rid, started, gen_req)
+    tracker = _Tracker(state, model, route, rid, started, gen_req, audit)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(kind, first, generator, tracker, include_usage)
@@ -199,9 +207,17 @@ class _Tracker:
     """Metrics, in-flight count and the one log line of a request (no text, ever)."""
 
     def __init__(
-        self, state: ServerState, model: ServedModel, route: str, rid: str, started: float, req: GenerationRequest
+        self,
+        state: ServerState,
+        model: ServedModel,
+        route: str,
+        rid: str,
+        started: float,
+        req: GenerationRequest,
+        audit: RequestAudit | None = None,
     ) -> None:
         self.state, self.model, self.route, self.rid, self.started, self.req = state, model, route, rid, started, req
+        self.audit = audit
         self.first_at: float | None = None
         self.done = False
         state.in_flight += 1
@@ -221,6 +237,7 @@ class _Tracker:
         m = self.state.metrics
         mid = self.model.id
         self.state.in_flight -= 1
+        self.model.in_flight -= 1
         m.in_flight.labels(mid).dec()
         m.requests.labels(mid, self.route, str(status)).inc()
         elapsed = time.monotonic() - self.started
@@ -238,6 +255,8 @@ class _Tracker:
             fin.completion_tokens if fin else "-",
             elapsed,
         )
+        if self.audit is not None:
+            self.audit.finish(status, self.model, self.req.sampling, fin)
 
 
 def _usage(fin: FinishEvent) -> dict[str, int]:
@@ -290,6 +309,8 @@ async def _collect(
 
         tracker.finish(exc.status, None)
         return map_error(exc, tracker.state.settings.retry_after)
+    if tracker.audit is not None:
+        tracker.audit.completion(text)
     tracker.finish(200, fin)
     created = int(time.time())
     if kind == "chat":

@@ -4,16 +4,21 @@ refuses new requests, lets in-flight ones finish (up to the drain timeout), then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
 from mlserve.server.state import ServerState
+from mlserve.server.tls import TLSConfig
 
 log = logging.getLogger("mlserve.server")
 
@@ -21,9 +26,10 @@ log = logging.getLogger("mlserve.server")
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM/SIGINT drains instead of stopping at once."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, on_hup: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.state = state
+        self.on_hup = on_hup  # SIGHUP: followed channels are looked at again now
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_started = False
         self.bound: tuple[str, int] | None = None
@@ -37,6 +43,26 @@ class DrainingServer(uvicorn.Server):
                 self.bound = (host, port)
                 scheme = "https" if self.config.ssl_keyfile else "http"
                 print(f"mlserve: listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's SIGINT/SIGTERM handling, plus SIGHUP (which no longer kills the server)."""
+        hup: signal.Signals | None = getattr(signal, "SIGHUP", None)  # not on Windows
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(hup, self.handle_hup) if hup is not None and main else None
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            if hup is not None and previous is not None:  # None: a handler set outside Python, left alone
+                signal.signal(hup, previous)
+
+    def handle_hup(self, sig: int, frame: FrameType | None) -> None:
+        """Hand SIGHUP to the app's reload hook on the event loop."""
+        if self.on_hup is None or self._loop is None:
+            log.info("SIGHUP ignored: this server follows no channel")
+            return
+        self._loop.call_soon_threadsafe(self.on_hup)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_started or self._loop is None:
@@ -63,8 +89,12 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: Starlette, host: str, port: int, log_level: str = "info") -> None:
+def serve(app: Starlette, host: str, port: int, log_level: str = "info", tls: TLSConfig | None = None) -> None:
     """Serve until drained; returns normally (exit 0) after SIGTERM."""
+    ssl_args: dict[str, Any] = {}
+    if tls is not None:
+        # Our own context (TLS 1.2 minimum, client certs); the file names make uvicorn (and us) report https.
+        ssl_args = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key, "ssl_context_factory": lambda _c, _d: tls.context}
     config = uvicorn.Config(
         app,
         host=host,
@@ -73,5 +103,6 @@ def serve(app: Starlette, host: str, port: int, log_level: str = "info") -> None
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        **ssl_args,
     )
-    DrainingServer(config, app.state.mlserve).run()
+    DrainingServer(config, app.state.mlserve, on_hup=getattr(app.state, "reload", None)).run()

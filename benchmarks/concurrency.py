@@ -68,7 +68,9 @@ def bare_batched(path: Path, levels: tuple[int, ...], n_tokens: int, threads: in
 
 
 async def http_level(url: str, model: str, concurrency: int, rounds: int, n_tokens: int) -> float:
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # A fresh connection per request: llama-server drops idle keep-alive connections, which a
+    # pooled client then trips over; loopback connects cost well under a millisecond.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await stream_completion(client, url, model, prompt(999), 4)
 
@@ -84,8 +86,12 @@ async def http_level(url: str, model: str, concurrency: int, rounds: int, n_toke
 
 
 def http_levels(server: Server, model: str, levels: tuple[int, ...], rounds: int, n_tokens: int) -> dict[int, float]:
+    out = {}
     try:
-        return {c: asyncio.run(http_level(server.url, model, c, rounds, n_tokens)) for c in levels}
+        for c in levels:
+            out[c] = asyncio.run(http_level(server.url, model, c, rounds, n_tokens))
+            print(f"  {server.url} concurrency {c}: {out[c]:.1f} tok/s", file=sys.stderr, flush=True)
+        return out
     finally:
         server.stop()
 

@@ -100,7 +100,7 @@ def serve(
         "--rate-limit",
         envvar="MLSERVE_RATE_LIMIT",
         min=0,
-        help="Requests per minute per API key (per client address without keys); 0: off.",
+        help="Requests per minute per API key (keyless servers are not limited); 0: off.",
     ),
     log_content: bool = typer.Option(
         False, "--log-content", help="Log prompt and completion text at INFO (PHI!); off by default."

@@ -39,6 +39,7 @@ class EngineConfig:
     gpu_layers: int = 0
     max_queue: int = 64
     batch: int = 512
+    kv_unified: bool = False
     chat_template: str | None = None
     stop: tuple[str, ...] = ()
 
@@ -93,6 +94,7 @@ class LlamaEngine:
             n_threads=c.threads or default_threads(),
             n_gpu_layers=c.gpu_layers,
             n_batch=c.batch,
+            kv_unified=c.kv_unified,
         )
         source = c.chat_template or model.meta("tokenizer.chat_template")
         if source:

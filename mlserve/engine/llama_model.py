@@ -99,8 +99,10 @@ class LlamaModel:
         self.n_ctx_seq = n_ctx_seq
         self.n_seq = n_seq
         self.n_batch = n_batch
+        self.kv_unified = kv_unified
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = n_ctx_seq * (1 if kv_unified else n_seq)
+        # Either way every sequence may fill its own n_ctx_seq cells: the cache never overflows.
+        cparams.n_ctx = n_ctx_seq * n_seq
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq

@@ -36,6 +36,7 @@ from mlserve.engine.base import (
 from mlserve.engine.llama_model import LlamaModel, SamplerConfig
 from mlserve.errors import EngineError
 
+MIN_REUSE = 16  # shared prompt tokens that make a slot worth choosing over the lowest free one
 Deliver = Callable[[list[tuple[Any, Event]]], None]
 
 
@@ -204,7 +205,11 @@ class Scheduler:
         prompt = seq.req.prompt_tokens
         shared = {slot: _common_prefix(self._cached.get(slot, []), prompt) for slot in self._free}
         # Longest shared prefix first; on a tie, a slot with nothing cached, so other caches live on.
-        slot = max(self._free, key=lambda s: (shared[s], s not in self._cached))
+        slot = max(self._free, key=lambda s: (shared[s], s not in self._cached, -s))
+        if shared[slot] < MIN_REUSE:
+            # Nothing worth reusing: take the lowest free slot, so active sequence ids stay
+            # dense (llama.cpp's per-sequence KV streams batch only consecutive ids together).
+            slot = min(self._free)
         self._free.remove(slot)
         self._cached.pop(slot, None)
         reuse = min(shared[slot], len(prompt) - 1)
@@ -250,6 +255,7 @@ class Scheduler:
 
     def _decode_step(self, out: list[tuple[Any, Event]]) -> None:
         m = self.model
+        self._active.sort(key=lambda s: s.slot)  # ascending sequence ids: one ubatch, not several
         tokens: list[int] = []
         pos: list[int] = []
         seqs: list[int] = []

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,9 +26,9 @@ from mlserve.server import sse
 from mlserve.server.auditing import RequestAudit
 from mlserve.server.schemas import ChatRequest, CompletionRequest, _Sampling, describe_validation
 from mlserve.server.state import ServedModel, ServerState
+from mlserve.server.tracking import Tracker, request_id
 
 log = logging.getLogger("mlserve.server")
-_RID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class BodyTooLarge(RequestError):
@@ -120,14 +118,9 @@ async def completions(request: Request) -> Response:
     return await _handle(request, "completion")
 
 
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _RID.fullmatch(given) else "req-" + uuid.uuid4().hex
-
-
 async def _handle(request: Request, kind: str) -> Response:
     state: ServerState = request.app.state.mlserve
-    rid = _request_id(request)
+    rid = request_id(request)
     route = request.url.path
     started = time.monotonic()
     audit = RequestAudit(request.scope, rid, route)
@@ -164,11 +157,11 @@ async def _handle(request: Request, kind: str) -> Response:
         state.metrics.requests.labels(model.id if model else "", route, str(response.status_code)).inc()
         log.info("request %s %s status=%d", rid, route, response.status_code)
         return response
-    tracker = _Tracker(state, model, route, rid, started, gen_req, audit)
+    tracker = Tracker(state, model, route, rid, started, gen_req, audit)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(kind, first, generator, tracker, include_usage)
-        response = StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response = _SSEResponse(stream, tracker)
     else:
         response = await _collect(request, kind, first, generator, tracker)
     _headers(response, rid, model)
@@ -203,62 +196,6 @@ def _headers(response: Response, rid: str, model: ServedModel | None) -> None:
         response.headers["x-mlserve-model"] = model.id
 
 
-class _Tracker:
-    """Metrics, in-flight count and the one log line of a request (no text, ever)."""
-
-    def __init__(
-        self,
-        state: ServerState,
-        model: ServedModel,
-        route: str,
-        rid: str,
-        started: float,
-        req: GenerationRequest,
-        audit: RequestAudit | None = None,
-    ) -> None:
-        self.state, self.model, self.route, self.rid, self.started, self.req = state, model, route, rid, started, req
-        self.audit = audit
-        self.first_at: float | None = None
-        self.done = False
-        state.in_flight += 1
-        state.metrics.in_flight.labels(model.id).inc()
-        if req.admitted_at:
-            state.metrics.queue_wait.labels(model.id).observe(max(0.0, req.admitted_at - req.submitted_at))
-
-    def token(self) -> None:
-        if self.first_at is None:
-            self.first_at = time.monotonic()
-            self.state.metrics.ttft.labels(self.model.id).observe(self.first_at - self.started)
-
-    def finish(self, status: int, fin: FinishEvent | None) -> None:
-        if self.done:
-            return
-        self.done = True
-        m = self.state.metrics
-        mid = self.model.id
-        self.state.in_flight -= 1
-        self.model.in_flight -= 1
-        m.in_flight.labels(mid).dec()
-        m.requests.labels(mid, self.route, str(status)).inc()
-        elapsed = time.monotonic() - self.started
-        m.duration.labels(mid).observe(elapsed)
-        if fin is not None:
-            m.prompt_tokens.labels(mid).inc(fin.prompt_tokens)
-            m.generation_tokens.labels(mid).inc(fin.completion_tokens)
-        log.info(
-            "request %s %s model=%s status=%d prompt_tokens=%s completion_tokens=%s seconds=%.3f",
-            self.rid,
-            self.route,
-            mid,
-            status,
-            fin.prompt_tokens if fin else "-",
-            fin.completion_tokens if fin else "-",
-            elapsed,
-        )
-        if self.audit is not None:
-            self.audit.finish(status, self.model, self.req.sampling, fin)
-
-
 def _usage(fin: FinishEvent) -> dict[str, int]:
     return {
         "prompt_tokens": fin.prompt_tokens,
@@ -275,9 +212,7 @@ async def _events(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Eve
         yield event
 
 
-async def _collect(
-    request: Request, kind: str, first: Event, rest: AsyncIterator[Event], tracker: _Tracker
-) -> Response:
+async def _collect(request: Request, kind: str, first: Event, rest: AsyncIterator[Event], tracker: Tracker) -> Response:
     """Gather a whole completion, stopping generation if the client goes away."""
 
     async def gather() -> tuple[str, FinishEvent]:
@@ -342,8 +277,28 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+class _SSEResponse(StreamingResponse):
+    """A stream that always settles its request, even if the client left before it began."""
+
+    def __init__(self, stream: AsyncIterator[bytes], tracker: Tracker) -> None:
+        super().__init__(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._stream = stream
+        self._tracker = tracker
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if not self._tracker.done:  # never started: free the sequence and the in-flight count
+                self._tracker.model.engine.abort(self._tracker.rid)
+                self._tracker.finish(499, None)
+
+
 async def _stream(
-    kind: str, first: Event, rest: AsyncIterator[Event], tracker: _Tracker, include_usage: bool
+    kind: str, first: Event, rest: AsyncIterator[Event], tracker: Tracker, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """SSE chunks in OpenAI's shape; the generation stops if the client disconnects."""
     created = int(time.time())

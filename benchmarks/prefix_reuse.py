@@ -33,15 +33,15 @@ DATA = Path(__file__).resolve().parent / "data" / "dialogue-to-note.jsonl"
 async def ttft(client: httpx.AsyncClient, url: str, model: str, prompt: str) -> float:
     body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
+    elapsed = None
     async with client.stream("POST", url + "/v1/completions", json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+            if elapsed is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                 elapsed = time.perf_counter() - t0
-                async for _ in resp.aiter_lines():
-                    pass
-                return elapsed
-    raise RuntimeError("no token streamed")
+    if elapsed is None:
+        raise RuntimeError("no token streamed")
+    return elapsed
 
 
 async def run(url: str, model: str, dialogues: list[str]) -> tuple[list[float], list[float], str]:

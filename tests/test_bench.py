@@ -34,7 +34,7 @@ CONTRACT_KEYS = {
     "total_token_throughput",
     "request_goodput",
 } | {f"{stat}_{m}" for stat in ("mean", "median", "p99") for m in METRICS}
-DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "aci-bench" / "dialogue-to-note.jsonl"
+DATASET = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "dialogue-to-note.jsonl"
 
 Cli = Callable[..., CliResult]
 
@@ -108,10 +108,12 @@ def _check_consistent(result: dict[str, Any]) -> None:
     assert CONTRACT_KEYS <= result.keys()
     assert result["completed"] + result["failed"] == result["num_prompts"]
     d = result["duration"]
-    assert result["output_throughput"] == pytest.approx(result["total_output_tokens"] / d, rel=0.01, abs=0.01)
-    assert result["request_throughput"] == pytest.approx(result["completed"] / d, rel=0.01, abs=0.01)
+    # duration is reported to the millisecond; on a short run that rounding alone moves a rate.
+    rel = 0.01 + 0.0005 / d
+    assert result["output_throughput"] == pytest.approx(result["total_output_tokens"] / d, rel=rel, abs=0.01)
+    assert result["request_throughput"] == pytest.approx(result["completed"] / d, rel=rel, abs=0.01)
     total = result["total_input_tokens"] + result["total_output_tokens"]
-    assert result["total_token_throughput"] == pytest.approx(total / d, rel=0.01, abs=0.01)
+    assert result["total_token_throughput"] == pytest.approx(total / d, rel=rel, abs=0.01)
     assert result["request_goodput"] <= result["request_throughput"]
     for m in METRICS:
         assert result[f"p99_{m}"] >= result[f"median_{m}"] >= 0

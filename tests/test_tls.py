@@ -86,7 +86,7 @@ def test_https_on_a_public_address_with_keys(tiny_home: Path, certs: Path) -> No
         ca = ssl.create_default_context(cafile=str(certs / "cert.pem"))
         _wait_ready(url, verify=ca)
         auth = {"Authorization": f"Bearer {secret}"}
-        body = {"model": "tiny", "prompt": "a b", "max_tokens": 2}
+        body = {"model": "tiny", "prompt": "a b", "max_tokens": 2, "temperature": 0}
         resp = httpx.post(url + "/v1/completions", json=body, headers=auth, verify=ca)
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 2
         assert httpx.get(url + "/v1/models", verify=ca).status_code == 401

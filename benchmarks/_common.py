@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from mlserve.bench.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,26 +49,11 @@ def _wait_ready(url: str, path: str, proc: subprocess.Popen[str], timeout: float
     raise RuntimeError("server never became ready")
 
 
-def start_mlserve(ref: str, *flags: str) -> Server:
-    """`mlserve serve REF --port 0 FLAGS`, ready."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlserve", "serve", ref, "--port", "0", "--log-level", "warning", *flags],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=REPO,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        match = re.search(r"listening on (http://\S+)", line)
-        if match:
-            url = match.group(1)
-            break
-    else:
-        raise RuntimeError("mlserve serve did not start")
-    _wait_ready(url, "/health/ready", proc)
-    return Server(proc, url)
+def start_mlserve(ref: str, *flags: str) -> LocalServer:
+    """`mlserve serve REF --port 0 FLAGS`, ready (the same launcher `mlserve bench REF` uses)."""
+    server = LocalServer(ref, list(flags))
+    server.start()
+    return server
 
 
 def start_llama_server(binary: str, model: Path, parallel: int, ctx_per_seq: int, threads: int, port: int) -> Server:

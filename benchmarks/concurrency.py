@@ -24,8 +24,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Server, start_llama_server, start_mlserve, stream_completion  # noqa: E402
 
+from mlserve.bench.local_server import LocalServer  # noqa: E402
+from mlserve.engine.base import Sampling
 from mlserve.engine.llama_engine import default_threads  # noqa: E402
-from mlserve.engine.llama_model import LlamaModel, SamplerConfig  # noqa: E402
+from mlserve.engine.llama_model import LlamaModel  # noqa: E402
 from mlserve.store import Store  # noqa: E402
 
 LEVELS = (1, 4, 8, 16)
@@ -43,7 +45,7 @@ def bare_batched(path: Path, levels: tuple[int, ...], n_tokens: int, threads: in
     try:
         for b in levels:
             prompts = [model.tokenize(prompt(i)) for i in range(b)]
-            samplers = [model.new_sampler(SamplerConfig(temperature=0)) for _ in range(b)]
+            samplers = [model.new_sampler(Sampling(max_tokens=1, temperature=0)) for _ in range(b)]
             tokens, pos, seqs, want, last = [], [], [], [], []
             for s, p in enumerate(prompts):
                 tokens += p
@@ -85,7 +87,9 @@ async def http_level(url: str, model: str, concurrency: int, rounds: int, n_toke
         return sum(counts) / (time.perf_counter() - t0)
 
 
-def http_levels(server: Server, model: str, levels: tuple[int, ...], rounds: int, n_tokens: int) -> dict[int, float]:
+def http_levels(
+    server: Server | LocalServer, model: str, levels: tuple[int, ...], rounds: int, n_tokens: int
+) -> dict[int, float]:
     out = {}
     try:
         for c in levels:

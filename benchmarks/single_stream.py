@@ -22,8 +22,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import start_mlserve, stream_completion  # noqa: E402
 
+from mlserve.engine.base import Sampling
 from mlserve.engine.llama_engine import default_threads  # noqa: E402
-from mlserve.engine.llama_model import LlamaModel, SamplerConfig  # noqa: E402
+from mlserve.engine.llama_model import LlamaModel  # noqa: E402
 from mlserve.store import Store  # noqa: E402
 
 PROMPT = "Once upon a time"
@@ -34,7 +35,7 @@ def bare_decode(path: Path, n_tokens: int, threads: int) -> float:
     model = LlamaModel(path, n_ctx_seq=1024, n_seq=1, n_threads=threads)
     try:
         prompt = model.tokenize(PROMPT)
-        sampler = model.new_sampler(SamplerConfig(temperature=0))
+        sampler = model.new_sampler(Sampling(max_tokens=1, temperature=0))
         n = len(prompt)
         model.decode(prompt, list(range(n)), [0] * n, [False] * (n - 1) + [True])
         token = model.sample(sampler, n - 1)

@@ -274,8 +274,9 @@ def _offline(
     bundle: Bundle, threads: Optional[int], gpu_layers: Optional[int], test: tuple[int, ...]
 ) -> dict[str, Any]:
     """Load the bundle's GGUF into one single-sequence context and run pp/tg."""
+    from mlserve.engine.base import Sampling
     from mlserve.engine.llama_engine import default_threads
-    from mlserve.engine.llama_model import LlamaModel, SamplerConfig
+    from mlserve.engine.llama_model import LlamaModel
 
     n_prompt, n_gen, repetitions, seed = test
     env = {**machine(), **_ref_env(bundle, threads, gpu_layers), "server": None, "bundle_digest": bundle.digest}
@@ -291,7 +292,7 @@ def _offline(
         try:
             results = run_offline(
                 model,
-                SamplerConfig(temperature=0.0),
+                Sampling(max_tokens=1, temperature=0.0),
                 n_prompt=n_prompt,
                 n_gen=n_gen,
                 repetitions=repetitions,

@@ -16,8 +16,11 @@ from typing import Any
 import llama_cpp as ll
 import numpy as np
 
+from mlserve.engine.base import Sampling
 from mlserve.errors import EngineError
 
+PENALTY_LAST_N = 64  # tokens the repeat/frequency/presence penalties look back over
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
 _init_lock = threading.Lock()
 _initialised = False
 
@@ -35,21 +38,6 @@ def _backend_init() -> None:
                 ll.llama_log_set(_quiet_log, ctypes.c_void_p(0))
             ll.llama_backend_init()
             _initialised = True
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """Native sampler chain settings for one sequence."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    penalty_last_n: int = 64
-    seed: int = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -195,14 +183,14 @@ class LlamaModel:
         ptr = ll.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def new_sampler(self, cfg: SamplerConfig) -> Any:
-        """A native sampler chain; greedy when temperature is 0."""
+    def new_sampler(self, cfg: Sampling) -> Any:
+        """A native sampler chain for these parameters; greedy when temperature is 0."""
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if cfg.repeat_penalty != 1.0 or cfg.frequency_penalty or cfg.presence_penalty:
             ll.llama_sampler_chain_add(
                 chain,
                 ll.llama_sampler_init_penalties(
-                    self.n_vocab, cfg.penalty_last_n, cfg.repeat_penalty, cfg.frequency_penalty, cfg.presence_penalty
+                    self.n_vocab, PENALTY_LAST_N, cfg.repeat_penalty, cfg.frequency_penalty, cfg.presence_penalty
                 ),
             )
         if cfg.temperature <= 0:
@@ -215,7 +203,9 @@ class LlamaModel:
         if cfg.min_p > 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(cfg.min_p, 1))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(cfg.temperature))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(cfg.seed & 0xFFFFFFFF))
+        ll.llama_sampler_chain_add(
+            chain, ll.llama_sampler_init_dist(RANDOM_SEED if cfg.seed is None else cfg.seed & 0xFFFFFFFF)
+        )
         return chain
 
     def sample(self, sampler: Any, index: int) -> int:

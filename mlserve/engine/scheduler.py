@@ -33,7 +33,7 @@ from mlserve.engine.base import (
     RequestError,
     TokenEvent,
 )
-from mlserve.engine.llama_model import LlamaModel, SamplerConfig
+from mlserve.engine.llama_model import LlamaModel
 from mlserve.errors import EngineError
 
 MIN_REUSE = 16  # shared prompt tokens that make a slot worth choosing over the lowest free one
@@ -299,24 +299,10 @@ class Scheduler:
                 seq.n_past += 1
         for seq, index in sample_at:
             if seq.sampler is None:
-                seq.sampler = m.new_sampler(self._sampler_config(seq.req))
+                seq.sampler = m.new_sampler(seq.req.sampling)
             self._on_token(seq, m.sample(seq.sampler, index), out)
         st.active = len(self._active)
         st.kv_cells_used = sum(s.n_past for s in self._active)
-
-    @staticmethod
-    def _sampler_config(req: GenerationRequest) -> SamplerConfig:
-        s = req.sampling
-        return SamplerConfig(
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
-            seed=s.seed if s.seed is not None else 0xFFFFFFFF,
-        )
 
     def _on_token(self, seq: _Seq, token: int, out: list[tuple[Any, Event]]) -> None:
         seq.generated += 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from mlserve.bench.local_server import LocalServer
+from mlserve.bench.local_server import LocalServer, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,13 +25,7 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, then kill if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _wait_ready(url: str, path: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mlserve.bench.local_server import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "gemma3-270m.yaml"
 
@@ -77,13 +79,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Stop the server, forcefully if it does not drain in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="session")

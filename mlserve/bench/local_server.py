@@ -19,6 +19,18 @@ from mlserve.errors import EngineError
 _LISTENING = re.compile(r"mlserve: listening on (https?://\S+)")
 
 
+def stop_process(proc: subprocess.Popen[str], grace: float = 30.0) -> None:
+    """SIGTERM (an mlserve server drains), then kill if it lingers past ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class LocalServer:
     """A ``mlserve serve`` subprocess bound to 127.0.0.1 on a port the OS picks."""
 
@@ -71,14 +83,8 @@ class LocalServer:
 
     def stop(self) -> None:
         """SIGTERM (the server drains), then kill if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def __enter__(self) -> LocalServer:
         self.start()

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlserve.engine.base import (
@@ -50,7 +50,6 @@ class StepStats:
     kv_cells_used: int = 0
     steps: int = 0
     batch_tokens_total: int = 0
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
     prefix_hits: int = 0
     prefix_tokens_reused: int = 0
 
@@ -290,7 +289,6 @@ class Scheduler:
         st.steps += 1
         st.last_batch_tokens = len(tokens)
         st.batch_tokens_total += len(tokens)
-        st.batch_sizes.append(len(tokens))
         for seq, take in prefill:
             seq.prefilled += take
             seq.n_past += take

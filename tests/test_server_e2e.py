@@ -145,6 +145,7 @@ def test_metrics_exposed_without_text(server: ServerProcess) -> None:
         "mlserve_queue_depth",
         "mlserve_kv_cells_used",
         "mlserve_batch_tokens_total",
+        'mlserve_batch_size_tokens_bucket{le="+Inf",model="gemma3-270m:1"}',
     ):
         assert name in text, name
     assert 'model="gemma3-270m:1"' in text

@@ -15,12 +15,13 @@ decoded in full.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlserve.engine.base import (
@@ -36,6 +37,7 @@ from mlserve.engine.base import (
 from mlserve.engine.llama_model import LlamaModel
 from mlserve.errors import EngineError
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # tokens per llama_decode, for the histogram
 MIN_REUSE = 16  # shared prompt tokens that make a slot worth choosing over the lowest free one
 Deliver = Callable[[list[tuple[Any, Event]]], None]
 
@@ -50,6 +52,8 @@ class StepStats:
     kv_cells_used: int = 0
     steps: int = 0
     batch_tokens_total: int = 0
+    # batch_hist[i]: steps whose batch had at most BATCH_BUCKETS[i] tokens (last slot: more)
+    batch_hist: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
     prefix_hits: int = 0
     prefix_tokens_reused: int = 0
 
@@ -289,6 +293,7 @@ class Scheduler:
         st.steps += 1
         st.last_batch_tokens = len(tokens)
         st.batch_tokens_total += len(tokens)
+        st.batch_hist[bisect.bisect_left(BATCH_BUCKETS, len(tokens))] += 1
         for seq, take in prefill:
             seq.prefilled += take
             seq.n_past += take

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mlserve.engine.scheduler import StepStats
+from mlserve.engine.scheduler import BATCH_BUCKETS, StepStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -34,7 +34,17 @@ class _EngineCollector(Collector):
         reused = CounterMetricFamily(
             "mlserve_prefix_cache_tokens", "Prompt tokens taken from the prefix cache", labels=["model"]
         )
+        sizes = HistogramMetricFamily(
+            "mlserve_batch_size_tokens",
+            "Tokens per llama_decode step (decode tokens plus prompt chunks)",
+            labels=["model"],
+        )
         for model, st in self._stats():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, BATCH_BUCKETS), "+Inf"), st.batch_hist, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            sizes.add_metric([model], buckets, sum_value=st.batch_tokens_total)
             active.add_metric([model], st.active)
             queued.add_metric([model], st.queued)
             cells.add_metric([model], st.kv_cells_used)
@@ -43,7 +53,7 @@ class _EngineCollector(Collector):
             tokens.add_metric([model], st.batch_tokens_total)
             hits.add_metric([model], st.prefix_hits)
             reused.add_metric([model], st.prefix_tokens_reused)
-        yield from (active, queued, cells, last, steps, tokens, hits, reused)
+        yield from (active, queued, cells, last, steps, tokens, hits, reused, sizes)
 
 
 class Metrics:

@@ -94,6 +94,7 @@ def commit_staged(
             existing = store.get(name, version)
             if existing is not None:
                 if existing.model_sha256 == staged.sha256:
+                    store.commit_blob(staged)  # repairs the stored blob if it was damaged
                     return existing, False
                 raise ConflictError(
                     f"{name}:{version} already exists with different bytes (sha256 {existing.model_sha256[:12]}, "
@@ -103,6 +104,7 @@ def commit_staged(
         else:
             same = [b for b in store.bundles(name) if b.model_sha256 == staged.sha256]
             if same:
+                store.commit_blob(staged)  # repairs the stored blob if it was damaged
                 return same[-1], False
             version = store.next_version(name)
         store.commit_blob(staged)

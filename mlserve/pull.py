@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlserve import gguf_info
 from mlserve.errors import GGUFError, IntegrityError, MlserveError, NotFoundError, SourceError
-from mlserve.fsutil import CHUNK
+from mlserve.fsutil import CHUNK, sha256_file
 from mlserve.packing import commit_staged
 from mlserve.recipes import Recipe, Source, bundled_recipes, find_recipe, load_recipe
 from mlserve.store import Bundle, StagedBlob, Store, check_name, check_version
@@ -154,7 +154,9 @@ def _already_stored(store: Store, recipe: Recipe, name: str, version: str | None
     """The bundle a pull would return unchanged: same name, the pinned bytes, and the asked version."""
     for bundle in reversed(store.bundles(name)):
         if bundle.model_sha256 == recipe.sha256 and version in (None, bundle.version):
-            if store.blob_path(recipe.sha256).is_file():
+            blob = store.blob_path(recipe.sha256)
+            # A damaged blob is not "already stored": fetch again and replace it.
+            if blob.is_file() and sha256_file(blob) == recipe.sha256:
                 return bundle
     return None
 

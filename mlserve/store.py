@@ -219,7 +219,7 @@ class Store:
         """Move a staged blob into place (caller holds the lock); identical blobs are kept once."""
         target = self.blob_path(staged.sha256)
         self.blobs.mkdir(parents=True, exist_ok=True)
-        if target.exists() and target.stat().st_size == staged.size:
+        if target.exists() and target.stat().st_size == staged.size and sha256_file(target) == staged.sha256:
             staged.path.unlink(missing_ok=True)
         else:
             os.chmod(staged.path, 0o444)

@@ -140,3 +140,27 @@ def test_prefix_reuse_skips_shared_prompt(gemma_path: Path) -> None:
     assert hits >= 2
     assert reused >= 2 * n_prefix
     assert texts[0] == texts[1]  # reusing the cells changes nothing for the same prompt
+
+
+def test_unloading_the_engine_ends_every_request(gemma_path: Path) -> None:
+    async def run() -> list[object]:
+        engine = LlamaEngine(EngineConfig(gemma_path, "gemma3-270m:1", ctx_size=512, parallel=1))
+        await engine.start()
+        running = GenerationRequest("running", engine.tokenize("Once upon a time"), Sampling(400, temperature=0))
+        queued = GenerationRequest("queued", engine.tokenize("The patient"), Sampling(400, temperature=0))
+        first = asyncio.Event()
+
+        async def consume(req: GenerationRequest) -> object:
+            last: object = None
+            async for ev in engine.generate(req):
+                first.set()
+                last = ev
+            return last
+
+        tasks = [asyncio.create_task(consume(running)), asyncio.create_task(consume(queued))]
+        await asyncio.wait_for(first.wait(), 60)
+        await engine.close()
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 30))
+
+    ends = asyncio.run(run())
+    assert all(type(e).__name__ == "ErrorEvent" for e in ends), ends

@@ -24,6 +24,12 @@ class _Group(TyperGroup):
                 raise
             render_error(exc)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a path the user gave cannot be read or written
+            if debug_enabled():
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            render_error(MlserveError(f"{exc.strerror or exc}{where}.", "Check the path and its permissions."))
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

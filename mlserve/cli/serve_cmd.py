@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from enum import Enum
 from typing import Any, Optional
 
 import typer
@@ -15,6 +16,15 @@ from mlserve.cli.console import info
 from mlserve.errors import IntegrityError
 from mlserve.keys import keys_path
 from mlserve.store import Bundle, Store
+
+
+class LogLevel(str, Enum):
+    """Server log levels."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
 def _served(store: Store, bundle: Bundle, opts: dict[str, Optional[int]], max_queue: int):  # type: ignore[no-untyped-def]
@@ -68,10 +78,16 @@ def serve(
     refs: list[str] = typer.Argument(..., help="Bundles to serve: NAME, NAME:VERSION, NAME@CHANNEL or sha256:HEX."),
     host: str = typer.Option("127.0.0.1", "--host", envvar="MLSERVE_HOST", help="Address to bind."),
     port: int = typer.Option(8000, "--port", envvar="MLSERVE_PORT", help="Port (0 picks a free one)."),
-    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, max=256, help="Sequences decoded together."),
-    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", min=16, help="Context (KV cells) per sequence."),
+    parallel: Optional[int] = typer.Option(
+        None, "--parallel", min=1, max=256, help="Sequences decoded together (default: the recipe's, else 8)."
+    ),
+    ctx_size: Optional[int] = typer.Option(
+        None, "--ctx-size", min=16, help="Context (KV cells) per sequence (default: the recipe's, else 4096)."
+    ),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all available)."),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", min=-1, help="Layers to offload to the GPU."),
+    gpu_layers: Optional[int] = typer.Option(
+        None, "--gpu-layers", min=-1, help="Layers to offload to the GPU (default: the recipe's, else 0)."
+    ),
     request_timeout: float = typer.Option(
         600.0, "--request-timeout", envvar="MLSERVE_REQUEST_TIMEOUT", min=0, help="Per-request deadline (0: none)."
     ),
@@ -105,12 +121,14 @@ def serve(
     log_content: bool = typer.Option(
         False, "--log-content", help="Log prompt and completion text at INFO (PHI!); off by default."
     ),
-    log_level: str = typer.Option("info", "--log-level", envvar="MLSERVE_LOG_LEVEL", help="debug, info, warning."),
+    log_level: LogLevel = typer.Option(
+        LogLevel.info, "--log-level", envvar="MLSERVE_LOG_LEVEL", case_sensitive=False, help="Server log level."
+    ),
 ) -> None:
     """Serve bundles over an OpenAI-compatible HTTP API (loopback only by default)."""
     tls = serve_security.load_tls(tls_cert, tls_key, tls_client_ca)
     serve_security.check_exposure(host, insecure, tls is not None)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = Store()
     bundles = [store.resolve(ref) for ref in refs]
     for bundle in bundles:
@@ -138,4 +156,4 @@ def serve(
         log_content=log_content,
     )
     info(f"serving {', '.join(b.ref for b in bundles)}")
-    run_server(create_app(models, settings, follow), host, port, log_level.lower(), tls=tls)
+    run_server(create_app(models, settings, follow), host, port, log_level.value, tls=tls)

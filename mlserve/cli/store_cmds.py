@@ -12,7 +12,7 @@ from rich.table import Table
 from mlserve.channels import release
 from mlserve.cli.app import app
 from mlserve.cli.console import byte_progress, emit_json, human_size, info
-from mlserve.errors import CheckFailed, ConflictError
+from mlserve.errors import CheckFailed, ConflictError, UsageError
 from mlserve.packing import pack_file
 from mlserve.recipes import load_recipe
 from mlserve.store import Bundle, Store
@@ -185,6 +185,8 @@ def export_(
     as_json: bool = JSON,
 ) -> None:
     """Write a bundle as one tar file for air-gapped transfer."""
+    if output.is_dir():
+        raise UsageError(f"{output} is a directory.", "Give the path of the tar file to write, e.g. -o model.tar.")
     store = Store()
     bundle = store.resolve(ref)
     size = export_bundle(store, bundle, output)

@@ -118,6 +118,10 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model and warm it up (one token)."""
 
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in the vocabulary (valid prompt token ids are below it)."""
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Tokenise text for this model."""
 

@@ -132,6 +132,11 @@ class LlamaEngine:
         return self._scheduler
 
     @property
+    def vocab_size(self) -> int:
+        """Tokens in the model's vocabulary (0 before it is loaded)."""
+        return self._model.n_vocab if self._model is not None else 0
+
+    @property
     def ctx_size(self) -> int:
         """Cells available to one sequence."""
         return self.config.ctx_size

@@ -16,7 +16,7 @@ from typing import Any
 import llama_cpp as ll
 import numpy as np
 
-from mlserve.engine.base import Sampling
+from mlserve.engine.base import RequestError, Sampling
 from mlserve.errors import EngineError
 
 PENALTY_LAST_N = 64  # tokens the repeat/frequency/presence penalties look back over
@@ -117,7 +117,10 @@ class LlamaModel:
     # -- vocabulary (read-only; safe from any thread) ---------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Tokenise text with the model's tokenizer."""
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError("The prompt is not valid Unicode (it holds a lone surrogate).") from None
         cap = len(data) + 16
         buf = (ll.llama_token * cap)()
         n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)

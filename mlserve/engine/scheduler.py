@@ -139,9 +139,11 @@ class Scheduler:
         """Queue a request; raise Overloaded when the bounded queue is full."""
         with self._cv:
             if self.failed is not None:
-                raise Overloaded(f"The engine has failed ({self.failed}).")
+                raise Overloaded(self.failed)
+            if self._stopping:
+                raise Overloaded("The model is being unloaded.")
             waiting = len(self._pending)
-            if waiting >= self.max_queue and len(self._active) + waiting >= self.model.n_seq:
+            if waiting >= self.max_queue and self.model.n_seq - len(self._free) + waiting >= self.model.n_seq:
                 raise Overloaded(f"The model's queue is full ({waiting} waiting); try again shortly.")
             req.submitted_at = time.monotonic()
             self._pending.append(_Seq(req, sink))
@@ -164,22 +166,24 @@ class Scheduler:
 
     # -- the engine thread -------------------------------------------------------
     def _run(self) -> None:
+        reason = "The model was unloaded."
         try:
             while self._step():
                 pass
         except EngineError as exc:
-            self.failed = exc.message
-            out: list[tuple[Any, Event]] = [
-                (s.sink, ErrorEvent(Overloaded(f"The engine failed: {exc.message}"))) for s in self._active
-            ]
-            with self._cv:
-                out += [(s.sink, ErrorEvent(Overloaded("The engine failed."))) for s in self._pending]
-                self._pending.clear()
-            self.deliver(out)
+            self.failed = reason = f"The engine failed: {exc.message}"
+        except Exception as exc:  # a bug must not leave requests waiting forever
+            self.failed = reason = f"The engine failed ({type(exc).__name__})."
         finally:
+            # Whoever is still waiting hears that it is over: nothing is left to hang.
+            with self._cv:
+                self._stopping = True
+                waiting = list(self._active) + list(self._pending)
+                self._pending.clear()
             for seq in self._active:
                 if seq.sampler is not None:
                     self.model.free_sampler(seq.sampler)
+            self.deliver([(s.sink, ErrorEvent(Overloaded(reason))) for s in waiting])
 
     def _admit(self) -> tuple[set[str], bool]:
         with self._cv:
@@ -312,7 +316,7 @@ class Scheduler:
         seq.last = token
         seq.out_tokens.append(token)
         if self.model.is_eog(token):
-            self._finish(seq, "stop", out)
+            self._finish(seq, "stop", out, flush=True)
             return
         text = seq.utf8.decode(self.model.piece(token))
         stops = seq.req.sampling.stop
@@ -324,12 +328,15 @@ class Scheduler:
                 return
             text = emit
         if seq.generated >= seq.req.sampling.max_tokens:
-            self._finish(seq, "length", out, text)
+            self._finish(seq, "length", out, text, flush=True)
             return
         out.append((seq.sink, TokenEvent(text, 1)))
 
-    def _finish(self, seq: _Seq, reason: str, out: list[tuple[Any, Event]], text: str = "") -> None:
-        tail = text + seq.held + seq.utf8.decode(b"", final=True) if reason == "length" else text
+    def _finish(
+        self, seq: _Seq, reason: str, out: list[tuple[Any, Event]], text: str = "", flush: bool = False
+    ) -> None:
+        # flush: text held back (a possible stop-string start, a split UTF-8 character) is real output.
+        tail = text + seq.held + seq.utf8.decode(b"", final=True) if flush else text
         out.append((seq.sink, FinishEvent(reason, len(seq.req.prompt_tokens), seq.generated, tail)))
         self._release(seq)
 

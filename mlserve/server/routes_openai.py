@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -135,7 +136,10 @@ async def _handle(request: Request, kind: str) -> Response:
         except ValidationError as exc:
             raise RequestError(describe_validation(exc)) from None
         model = state.lookup(body.model)
-        model.in_flight += 1  # from here on a channel switch waits for this request before closing the model
+        # From here on the request counts as in flight: a drain or a channel switch waits for it.
+        model.in_flight += 1
+        state.in_flight += 1
+        state.metrics.in_flight.labels(model.id).inc()
         if state.draining:
             raise Overloaded("The server is shutting down; send the request to another instance.")
         health = model.engine.health()
@@ -143,7 +147,7 @@ async def _handle(request: Request, kind: str) -> Response:
             raise Overloaded(f"Model {model.id} is not ready ({health.state}).")
         gen_req = _build(body, model, state, rid)
         generator = model.engine.generate(gen_req)
-        first = await generator.__anext__()
+        first = await _first_event(request, generator)
         if isinstance(first, ErrorEvent):
             raise first.error
     except Exception as exc:
@@ -154,6 +158,8 @@ async def _handle(request: Request, kind: str) -> Response:
         audit.finish(response.status_code, model)
         if model is not None:
             model.in_flight -= 1
+            state.in_flight -= 1
+            state.metrics.in_flight.labels(model.id).dec()
         state.metrics.requests.labels(model.id if model else "", route, str(response.status_code)).inc()
         log.info("request %s %s status=%d", rid, route, response.status_code)
         return response
@@ -168,6 +174,27 @@ async def _handle(request: Request, kind: str) -> Response:
     return response
 
 
+class ClientGone(RequestError):
+    """The client disconnected before the first token."""
+
+    status = 499
+    code = "client_closed_request"
+
+
+async def _first_event(request: Request, generator: AsyncIterator[Event]) -> Event:
+    """The first event, unless the client leaves while the request is queued or in prefill."""
+    nxt = asyncio.ensure_future(generator.__anext__())
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not nxt.done():
+        nxt.cancel()  # the engine's generator aborts its sequence as it unwinds
+        raise ClientGone("The client disconnected before the first token.")
+    return nxt.result()
+
+
 def _build(
     body: ChatRequest | CompletionRequest, model: ServedModel, state: ServerState, rid: str
 ) -> GenerationRequest:
@@ -178,7 +205,7 @@ def _build(
     else:
         prompt = body.prompt_text()
         if isinstance(prompt, list):
-            if any(t < 0 or t >= 1 << 31 for t in prompt):
+            if any(t < 0 or t >= engine.vocab_size for t in prompt):
                 raise RequestError("Prompt token ids must be non-negative integers in the vocabulary.")
             tokens = prompt
         else:
@@ -187,7 +214,8 @@ def _build(
     sampling, explicit = _sampling(body, model, max_tokens, state.settings.max_tokens_cap)
     timeout = state.settings.request_timeout
     deadline = time.monotonic() + timeout if timeout else None
-    return GenerationRequest(rid, tokens, sampling, explicit, deadline)
+    # The engine's id is unique even when clients reuse an x-request-id, so an abort hits one request.
+    return GenerationRequest(f"{rid}.{uuid.uuid4().hex[:8]}", tokens, sampling, explicit, deadline)
 
 
 def _headers(response: Response, rid: str, model: ServedModel | None) -> None:
@@ -234,7 +262,7 @@ async def _collect(request: Request, kind: str, first: Event, rest: AsyncIterato
         watch.cancel()
     if not work.done():
         work.cancel()
-        tracker.model.engine.abort(tracker.rid)
+        tracker.model.engine.abort(tracker.req.id)
         tracker.finish(499, None)
         return Response(status_code=499)
     try:
@@ -293,7 +321,7 @@ class _SSEResponse(StreamingResponse):
             if aclose is not None:
                 await aclose()
             if not self._tracker.done:  # never started: free the sequence and the in-flight count
-                self._tracker.model.engine.abort(self._tracker.rid)
+                self._tracker.model.engine.abort(self._tracker.req.id)
                 self._tracker.finish(499, None)
 
 
@@ -341,5 +369,5 @@ async def _stream(
     finally:
         if fin is None and status == 200:
             status = 499
-            tracker.model.engine.abort(tracker.rid)
+            tracker.model.engine.abort(tracker.req.id)
         tracker.finish(status, fin)

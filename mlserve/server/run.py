@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -17,6 +19,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from mlserve.errors import UsageError
 from mlserve.server.state import ServerState
 from mlserve.server.tls import TLSConfig
 
@@ -105,4 +108,26 @@ def serve(app: Starlette, host: str, port: int, log_level: str = "info", tls: TL
         lifespan="on",
         **ssl_args,
     )
-    DrainingServer(config, app.state.mlserve, on_hup=getattr(app.state, "reload", None)).run()
+    # Bind before anything loads, so a taken port is a plain error, not a crash after warm-up.
+    sock = _bind(host, port)
+    DrainingServer(config, app.state.mlserve, on_hup=getattr(app.state, "reload", None)).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say so,
+    # and with Nagle on every small SSE chunk or health answer waits ~40 ms for an ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"Port {port} on {host} is already in use.",
+                "Stop the other server, or pass --port N (0 picks a free one).",
+            ) from exc
+        raise UsageError(f"Cannot listen on {host}:{port}: {exc.strerror}.", "Check --host and --port.") from exc
+    sock.set_inheritable(True)
+    return sock

@@ -104,15 +104,24 @@ class CompletionRequest(_Sampling):
         return str(p[0])
 
 
+def _known_fields() -> frozenset[str]:
+    models: tuple[type[BaseModel], ...] = (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+    return frozenset(name for model in models for name in model.model_fields)
+
+
 def describe_validation(exc: ValidationError) -> str:
-    """A message naming the bad fields, never echoing their values (they may hold PHI)."""
+    """A message naming the bad fields, never echoing client text (values or unknown keys may hold PHI)."""
+    known = _known_fields()
     parts = []
     for err in exc.errors()[:3]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
+        loc = [str(p) if isinstance(p, int) or p in known else "<key>" for p in err["loc"]]
+        where = ".".join(loc) or "body"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "is not a supported field"
-        elif err["type"] == "literal_error":
+            # An option we cannot honour is refused, not ignored; its name is not echoed.
+            parts.append(f"'{where}' is not a supported field" if where != "<key>" else "a field is not supported")
+            continue
+        if err["type"] == "literal_error":
             msg = "has an unsupported value " + msg.removeprefix("Input should be").strip().join(("(expected ", ")"))
         parts.append(f"'{where}' {msg}")
     return "Invalid request: " + "; ".join(parts) + "."

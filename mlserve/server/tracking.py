@@ -39,9 +39,7 @@ class Tracker:
         self.state, self.model, self.route, self.rid, self.started, self.req = state, model, route, rid, started, req
         self.audit = audit
         self.first_at: float | None = None
-        self.done = False
-        state.in_flight += 1
-        state.metrics.in_flight.labels(model.id).inc()
+        self.done = False  # in-flight counts were raised when the request was routed
         if req.admitted_at:
             state.metrics.queue_wait.labels(model.id).observe(max(0.0, req.admitted_at - req.submitted_at))
 

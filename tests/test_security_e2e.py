@@ -22,7 +22,7 @@ pytestmark = pytest.mark.model
 CANARIES = ("Jane Canary-Doe", "MRN 00417733", "123-45-6789")
 CANARY = " ".join(CANARIES)
 KEYS = {"canary": ["infer"], "fields": ["infer"], "limited": ["infer"], "temp": ["infer"], "adm": ["admin"]}
-KEYS |= {"met": ["metrics"]}
+KEYS |= {"met": ["metrics"], "probe": ["infer"]}
 
 
 class Secure:
@@ -69,6 +69,16 @@ def test_keys_scopes_and_open_health(sec: Secure) -> None:
     assert httpx.get(url + "/metrics", headers=sec.h("fields")).status_code == 403
     assert httpx.get(url + "/metrics", headers=sec.h("met")).status_code == 200
     assert httpx.get(url + "/v1/models", headers={"x-api-key": sec.keys["fields"]}).status_code == 200
+
+
+def test_health_model_probe_with_and_without_key(sec: Secure) -> None:
+    env = {**os.environ, "MLSERVE_HOME": str(sec.home)}
+    env.pop("MLSERVE_API_KEY", None)
+    args = ("health", sec.server.url, "--model", "gemma3-270m")
+    refused = run_mlserve(*args, env=env)
+    assert refused.returncode == 1 and "--api-key" in refused.stderr
+    ok = run_mlserve(*args, "--api-key", sec.keys["probe"], env=env)
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_revoked_key_is_refused_without_restart(sec: Secure) -> None:

@@ -48,11 +48,12 @@ def _get_first(client: httpx.Client, base: str, paths: tuple[str, ...]) -> tuple
     return paths[-1], resp
 
 
-def probe(base: str, ready: bool, model: str | None, timeout: float) -> Probe:
-    """Liveness, then readiness (--ready) and the model's readiness (--model)."""
+def probe(base: str, ready: bool, model: str | None, timeout: float, api_key: str | None = None) -> Probe:
+    """Liveness, then readiness (--ready) and the model's readiness (--model, which needs a key once keys exist)."""
     result = Probe(HEALTHY)
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        with httpx.Client(timeout=timeout) as client:
+        with httpx.Client(timeout=timeout, headers=headers) as client:
             path, resp = _get_first(client, base, ("/health/live", "/v2/health/live", "/health"))
             result.checks["live"] = {"path": path, "status_code": resp.status_code, "ok": resp.status_code == 200}
             if resp.status_code != 200:
@@ -70,9 +71,13 @@ def probe(base: str, ready: bool, model: str | None, timeout: float) -> Probe:
                 ok = resp.status_code == 200
                 result.checks["model"] = {"name": model, "path": path, "status_code": resp.status_code, "ok": ok}
                 if not ok and result.code == HEALTHY:
-                    why = (
-                        "is not served there" if resp.status_code == 404 else f"is not ready (HTTP {resp.status_code})"
-                    )
+                    if resp.status_code == 404:
+                        why = "is not served there"
+                    elif resp.status_code in (401, 403):
+                        code = resp.status_code
+                        why = f"could not be checked: the server wants an infer-scope key (HTTP {code}; pass --api-key)"
+                    else:
+                        why = f"is not ready (HTTP {resp.status_code})"
                     result = Probe(UNHEALTHY, result.checks, f"model {model} {why}")
     except httpx.TransportError as exc:
         kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "refused or failed"
@@ -91,6 +96,9 @@ def health(
         0.0, "--wait", min=0, help="Poll every 0.1 s until healthy, for up to this many seconds."
     ),
     timeout: float = typer.Option(5.0, "--timeout", min=0.1, help="Per-probe HTTP timeout, seconds."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="MLSERVE_API_KEY", help="Bearer key, for --model on a server with keys."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Probe a server: exit 0 healthy, 1 unhealthy (answered but not live/ready), 2 unreachable.
@@ -107,7 +115,7 @@ def health(
     while True:
         attempts += 1
         remaining = deadline - time.monotonic()
-        result = probe(base, ready, model, min(timeout, max(remaining, 0.2)) if wait else timeout)
+        result = probe(base, ready, model, min(timeout, max(remaining, 0.2)) if wait else timeout, api_key)
         if result.code == HEALTHY or time.monotonic() + POLL_S > deadline:
             break
         time.sleep(POLL_S)

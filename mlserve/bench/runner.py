@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,16 @@ class Hooks:
     level_done: Callable[[Level, dict[str, Any]], None] | None = None
 
 
+def salted(body: bytes, salt: str) -> bytes:
+    """The body with ``salt`` put before its prompt (or first message), defeating prefix caches."""
+    data = json.loads(body)
+    if isinstance(data.get("prompt"), str):
+        data["prompt"] = salt + data["prompt"]
+    elif data.get("messages") and isinstance(data["messages"][0].get("content"), str):
+        data["messages"][0]["content"] = salt + data["messages"][0]["content"]
+    return json.dumps(data).encode()
+
+
 async def run_async(plan: Plan, hooks: Hooks | None = None) -> list[dict[str, Any]]:
     """Run every level of the plan; return one vLLM-style result dict per level."""
     hooks = hooks or Hooks()
@@ -52,12 +63,14 @@ async def run_async(plan: Plan, hooks: Hooks | None = None) -> list[dict[str, An
     try:
         if plan.warmup and plan.levels:
             first = plan.levels[0].concurrency or 1
-            warm = [bodies[i % len(bodies)] for i in range(plan.warmup)]
+            warm = [salted(bodies[i % len(bodies)], "Warm-up. ") for i in range(plan.warmup)]
             await gen.closed(warm, first)
-        for level in plan.levels:
+        for index, level in enumerate(plan.levels):
             if hooks.level_start:
                 hooks.level_start(level, len(bodies))
-            results, duration = await gen.run(level, bodies, plan.burstiness, plan.seed, hooks.result)
+            # Each level's prompts start differently, so no level times a prefix cached by the one before.
+            sent = bodies if index == 0 else [salted(b, f"Run {index + 1}. ") for b in bodies]
+            results, duration = await gen.run(level, sent, plan.burstiness, plan.seed, hooks.result)
             summary = summarize(
                 results,
                 duration,

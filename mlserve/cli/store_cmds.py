@@ -57,6 +57,12 @@ def pack(
     with byte_progress(f"packing {file.name}", size, not as_json) as progress:
         bundle, created = pack_file(store, file, name, version, rec, progress=progress)
     report_bundle(bundle, created, store, as_json, "packed")
+    serving = bundle.manifest.get("serving", {})
+    if not bundle.manifest["gguf"].get("chat_template_sha256") and not serving.get("chat_template"):
+        info(
+            f"note: {bundle.ref} has no chat template, so /v1/chat/completions will refuse it; "
+            "pack it with a --recipe that carries one to serve chat."
+        )
 
 
 @app.command("list")
@@ -67,14 +73,18 @@ def list_(as_json: bool = JSON) -> None:
     if as_json:
         emit_json([_summary(b, store) for b in bundles])
         return
-    table = Table("NAME", "VERSION", "DIGEST", "SIZE", "ARCH", "QUANT", "CHANNELS", "CREATED", box=None)
+    table = Table(box=None)
+    for column in ("NAME", "VERSION", "DIGEST", "SIZE"):
+        table.add_column(column, no_wrap=True)  # the fields a user copies must never be cut
+    for column in ("ARCH", "QUANT", "CHANNELS", "CREATED"):
+        table.add_column(column)
     for b in bundles:
         m = b.manifest
         size = sum(int(f["size"]) for f in m["files"])
         table.add_row(
             b.name,
             b.version,
-            b.digest[7:19],
+            b.digest[:19],
             human_size(size),
             m["gguf"]["architecture"],
             str(m["gguf"].get("file_type") or "-"),

@@ -126,7 +126,7 @@ def _ref_env(bundle: Bundle, threads: Optional[int], gpu_layers: Optional[int]) 
     return {
         "server": "local",
         "threads": threads or default_threads(),
-        "llama_cpp": build.system_info,
+        "llama_cpp": f"llama-cpp-python {build.version}; {build.system_info}",
         "gpu_offload": build.gpu_offload,
         "gpu_layers": gpu_layers if gpu_layers is not None else defaults.get("gpu_layers", 0),
     }

@@ -12,7 +12,7 @@ from mlserve import channels
 from mlserve.cli.app import app
 from mlserve.cli.console import emit_json, info
 from mlserve.cli.store_cmds import _print_table
-from mlserve.errors import CheckFailed, EngineError, UsageError
+from mlserve.errors import CheckFailed, EngineError, NotFoundError, UsageError
 from mlserve.store import Bundle, Store
 
 JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
@@ -113,7 +113,10 @@ def history(
     as_json: bool = JSON,
 ) -> None:
     """Show who moved which channel of NAME, when, from what to what, and why."""
-    entries = channels.history(Store(), name, channel)
+    store = Store()
+    entries = channels.history(store, name, channel)
+    if not entries and not store.bundles(name):
+        raise NotFoundError(f"No bundle named {name!r} in {store.root}.", "Run `mlserve list` to see the names.")
     if as_json:
         emit_json(entries)
         return

@@ -42,7 +42,13 @@ def _build() -> tuple[dict[str, Any], list[dict[str, str]]]:
         fix = "pip install --force-reinstall llama-cpp-python==0.3.36"
         return {"ok": False, "error": str(exc)}, [_problem(f"llama.cpp cannot be loaded: {exc}", fix)]
     compiled = {k.strip().lower(): v.strip() == "1" for k, v in re.findall(r"(\w+) = (\d)", build.system_info)}
-    data = {"ok": True, "system_info": build.system_info, "gpu_offload": build.gpu_offload, "compiled": compiled}
+    data = {
+        "ok": True,
+        "llama_cpp_python": build.version,
+        "system_info": build.system_info,
+        "gpu_offload": build.gpu_offload,
+        "compiled": compiled,
+    }
     problems = []
     if not build.gpu_offload and (shutil.which("nvidia-smi") or Path("/dev/nvidia0").exists()):
         problems.append(_problem("An NVIDIA GPU is present but this llama.cpp build has no GPU offload.", GPU_REBUILD))
@@ -132,6 +138,7 @@ def _render(report: dict[str, Any]) -> None:
     build = report["llama_cpp"]
     feats = report["cpu"]["features"]
     rows = [
+        ("llama-cpp-python", str(build.get("llama_cpp_python") or "-")),
         ("llama.cpp", build.get("system_info") or f"NOT LOADABLE: {build.get('error')}"),
         ("GPU offload", "compiled in" if build.get("gpu_offload") else "not compiled in (CPU only)"),
         ("CPU", f"{report['cpu']['model']} ({report['cpu']['arch']})"),

@@ -47,6 +47,7 @@ class BuildInfo:
     system_info: str
     gpu_offload: bool
     max_devices: int
+    version: str  # llama-cpp-python's version, which pins the llama.cpp it vendors
 
 
 def build_info() -> BuildInfo:
@@ -56,6 +57,7 @@ def build_info() -> BuildInfo:
         system_info=ll.llama_print_system_info().decode(errors="replace").strip(),
         gpu_offload=bool(ll.llama_supports_gpu_offload()),
         max_devices=int(ll.llama_max_devices()),
+        version=str(getattr(ll, "__version__", "unknown")),
     )
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mlserve import config
+from mlserve.store import canonical_json
 
 GENESIS = "0" * 64
 FILE_RE = re.compile(r"\d{4}-\d{2}-\d{2}\.jsonl")
@@ -41,8 +42,8 @@ def audit_dir(home: Path | None = None) -> Path:
 
 
 def canonical(record: dict[str, Any]) -> bytes:
-    """Sorted keys, no spaces, UTF-8: the bytes a record is stored and hashed as."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Sorted keys, no spaces, UTF-8 (the store's manifest encoding): the bytes a record is stored and hashed as."""
+    return canonical_json(record)
 
 
 def record_hash(record: dict[str, Any]) -> str:

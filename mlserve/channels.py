@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import getpass
 import json
 import logging
 import os
@@ -26,20 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlserve import audit
+from mlserve import audit, config
 from mlserve.errors import CheckFailed, ConflictError, InvalidInputError, NotFoundError, UsageError
 from mlserve.fsutil import fsync_dir
 from mlserve.store import Bundle, Store, check_channel, check_name
 
 log = logging.getLogger("mlserve.channels")
 Gate = Callable[[Bundle], None]
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers) and no LOGNAME/USER
-        return f"uid-{os.getuid()}"
 
 
 def _now() -> str:
@@ -135,7 +127,7 @@ def _entry(
     return {
         "id": uuid.uuid4().hex,
         "time": _now(),
-        "user": _user(),
+        "user": config.current_user(),
         "name": name,
         "channel": channel,
         "action": action,

@@ -12,6 +12,16 @@ def home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".mlserve"
 
 
+def current_user() -> str:
+    """The login name recorded in history and audit entries."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers) and no LOGNAME/USER
+        return f"uid-{os.getuid()}"
+
+
 def env_value(name: str, default: str | None = None) -> str | None:
     """Read ``MLSERVE_<NAME>`` from the environment."""
     return os.environ.get(f"MLSERVE_{name.upper()}", default)

@@ -20,7 +20,7 @@ def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def default_serving(facts: gguf_info.GGUFFacts) -> dict[str, Any]:
+def default_serving() -> dict[str, Any]:
     """Serving settings for a bundle packed without a recipe."""
     from mlserve.recipes import Defaults
 
@@ -45,7 +45,7 @@ def build_manifest(
         "mlserve_version": __version__,
         "files": [{"name": filename, "role": "model", "size": staged.size, "sha256": staged.sha256}],
         "gguf": facts.to_dict(),
-        "serving": recipe.serving() if recipe else default_serving(facts),
+        "serving": recipe.serving() if recipe else default_serving(),
         "provenance": provenance,
     }
 

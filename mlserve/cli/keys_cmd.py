@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from typing import Optional
 
 import typer
@@ -10,18 +9,12 @@ import typer
 from mlserve import audit
 from mlserve.cli.app import app
 from mlserve.cli.console import emit_json, info
+from mlserve.config import current_user
 from mlserve.keys import KeyStore
 
 JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-
-
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 @keys_app.command()
@@ -34,7 +27,7 @@ def create(
 ) -> None:
     """Create a key and print it once; only its sha256 is stored."""
     record, secret = KeyStore().create(name, scope)
-    audit.append({"event": "key.create", "name": record.name, "scopes": list(record.scopes), "actor": _actor()})
+    audit.append({"event": "key.create", "name": record.name, "scopes": list(record.scopes), "actor": current_user()})
     if as_json:
         emit_json({"name": record.name, "key": secret, "scopes": list(record.scopes)})
         return
@@ -60,7 +53,7 @@ def list_(as_json: bool = JSON) -> None:
 def revoke(name: str = typer.Argument(..., help="The key to revoke."), as_json: bool = JSON) -> None:
     """Revoke a key; running servers refuse it within a second."""
     record = KeyStore().revoke(name)
-    audit.append({"event": "key.revoke", "name": record.name, "actor": _actor()})
+    audit.append({"event": "key.revoke", "name": record.name, "actor": current_user()})
     if as_json:
         emit_json(record.public())
         return

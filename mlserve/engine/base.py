@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from mlserve.errors import MlserveError
 
@@ -125,8 +125,8 @@ class Engine(Protocol):
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Tokenise text for this model."""
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages with the model's chat template."""
+    def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render chat messages with the model's chat template and tokenise them."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream events for one request."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -136,11 +135,6 @@ class LlamaEngine:
         """Tokens in the model's vocabulary (0 before it is loaded)."""
         return self._model.n_vocab if self._model is not None else 0
 
-    @property
-    def ctx_size(self) -> int:
-        """Cells available to one sequence."""
-        return self.config.ctx_size
-
     # -- requests ----------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Tokenise with the model's vocabulary (read-only, safe on the event loop)."""
@@ -158,12 +152,6 @@ class LlamaEngine:
         if self._model.add_bos() and not text.startswith(bos):
             tokens = self._model.tokenize(bos, add_special=False, parse_special=True) + tokens
         return tokens
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for a chat (for diagnostics; never logged)."""
-        if self._template is None:
-            raise ChatTemplateError(f"Model {self.model_id} has no chat template; use /v1/completions.")
-        return self._template.render(messages)
 
     def fit(self, request: GenerationRequest) -> GenerationRequest:
         """Check the prompt fits; clamp an implicit max_tokens to the room left."""
@@ -226,8 +214,3 @@ class LlamaEngine:
 def _put_all(items: list[tuple[Any, Event]]) -> None:
     for queue, event in items:
         queue.put_nowait(event)
-
-
-def monotonic_deadline(seconds: float | None) -> float | None:
-    """A deadline ``seconds`` from now on the monotonic clock."""
-    return None if seconds is None else time.monotonic() + seconds

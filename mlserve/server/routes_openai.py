@@ -198,7 +198,7 @@ async def _first_event(request: Request, generator: AsyncIterator[Event]) -> Eve
 def _build(
     body: ChatRequest | CompletionRequest, model: ServedModel, state: ServerState, rid: str
 ) -> GenerationRequest:
-    engine: Any = model.engine
+    engine = model.engine
     if isinstance(body, ChatRequest):
         tokens = engine.chat_tokens(body.template_messages())
         max_tokens = body.max_completion_tokens or body.max_tokens

@@ -11,7 +11,7 @@ export CMAKE_ARGS
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,model]'
@@ -21,8 +21,8 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check mlserve tests benchmarks
-	$(VENV)/bin/ruff format --check mlserve tests benchmarks
+	$(VENV)/bin/ruff check mlserve tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check mlserve tests benchmarks setup.py
 	$(VENV)/bin/mypy
 
 serve: install

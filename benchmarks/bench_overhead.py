@@ -12,13 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from fake_openai import serve_in_process  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlserve.bench.loadgen import Level  # noqa: E402
 from mlserve.bench.runner import Plan, run  # noqa: E402
 from mlserve.bench.workload import synthetic  # noqa: E402
+from tests.support.fake_openai import serve_in_process  # noqa: E402
 
 REQUIRED = 500.0
 

@@ -2,9 +2,14 @@
 
 - a bare batched llama_decode loop (B sequences, one token each per decode, native samplers),
 - mlserve serve over HTTP (streamed /v1/completions, continuous batching),
-- llama.cpp's own llama-server over HTTP, when --llama-server BIN is given.
+- llama.cpp's own llama-server over HTTP, when --llama-server BIN is given,
+- mlserve from another source tree (e.g. `git worktree add /tmp/base HEAD~1`), when
+  --baseline-src DIR is given: a regression check of a change, in the same run.
 
-    python benchmarks/concurrency.py [--ref gemma3-270m] [--llama-server PATH] [--tokens 64]
+    python benchmarks/concurrency.py [--ref gemma3-270m] [--llama-server PATH] [--baseline-src DIR] [--tokens 64]
+
+Run it from outside the checkout (cd /tmp) when using --baseline-src, so `python -m mlserve`
+is not shadowed by the current directory.
 
 Each HTTP level runs `concurrency` clients that each send --rounds requests back to back
 (distinct short prompts, max_tokens=--tokens, greedy); aggregate = completion tokens
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Server, start_llama_server, start_mlserve, stream_completion  # noqa: E402
 
 from mlserve.bench.local_server import LocalServer  # noqa: E402
-from mlserve.engine.base import Sampling
-from mlserve.engine.llama_engine import default_threads  # noqa: E402
-from mlserve.engine.llama_model import LlamaModel  # noqa: E402
-from mlserve.store import Store  # noqa: E402
+from mlserve.bundles.store import Store  # noqa: E402
+from mlserve.engine.api import Sampling  # noqa: E402
+from mlserve.engine.llama.factory import EngineConfig, default_threads, open_model  # noqa: E402
 
 LEVELS = (1, 4, 8, 16)
 CTX = 1024
@@ -40,7 +45,7 @@ def prompt(i: int) -> str:
 
 def bare_batched(path: Path, levels: tuple[int, ...], n_tokens: int, threads: int) -> dict[int, float]:
     """Tokens/s of B sequences decoded together, one token each per llama_decode (prefill excluded)."""
-    model = LlamaModel(path, n_ctx_seq=CTX, n_seq=max(levels), n_threads=threads)
+    model = open_model(EngineConfig(path, "bare", ctx_size=CTX, parallel=max(levels), threads=threads))
     out = {}
     try:
         for b in levels:
@@ -107,6 +112,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    parser.add_argument("--baseline-src", default=None, help="another mlserve source tree to run as a baseline")
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
     store = Store()
@@ -122,11 +128,26 @@ def main() -> None:
         args.rounds,
         args.tokens,
     )
+    base: dict[int, float] = {}
+    if args.baseline_src:
+        os.environ["PYTHONPATH"] = str(Path(args.baseline_src).resolve())  # the baseline's server imports it
+        try:
+            baseline = start_mlserve(bundle.ref, "--parallel", par, "--ctx-size", str(CTX))
+        finally:
+            del os.environ["PYTHONPATH"]
+        base = http_levels(baseline, bundle.ref, levels, args.rounds, args.tokens)
     theirs: dict[int, float] = {}
     if args.llama_server:
         server = start_llama_server(args.llama_server, path, max(levels), CTX, threads, 18731)
         theirs = http_levels(server, bundle.ref, levels, args.rounds, args.tokens)
     print(f"model {bundle.ref} ({bundle.digest[:19]}), {threads} threads, {args.tokens} output tokens/request")
+    if base:
+        print("conc | bare loop | mlserve | baseline | mlserve/bare | baseline/bare | mlserve/baseline")
+        for c in levels:
+            print(
+                f"{c:>4} | {bare[c]:9.1f} | {ours[c]:7.1f} | {base[c]:8.1f} | {ours[c] / bare[c]:12.2f} |"
+                f" {base[c] / bare[c]:13.2f} | {ours[c] / base[c]:16.2f}"
+            )
     cols = ("conc", "bare loop", "mlserve", "llama-server", "mlserve/bare", "mlserve/llama-server")
     head = " | ".join(f"{c:>{w}}" for c, w in zip(cols, (4, 9, 8, 12, 12, 20), strict=True))
     print(head)

@@ -25,7 +25,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import start_mlserve  # noqa: E402
 
-from mlserve.store import Store  # noqa: E402
+from mlserve.bundles.store import Store  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "dialogue-to-note.jsonl"
 

@@ -22,17 +22,16 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import start_mlserve, stream_completion  # noqa: E402
 
-from mlserve.engine.base import Sampling
-from mlserve.engine.llama_engine import default_threads  # noqa: E402
-from mlserve.engine.llama_model import LlamaModel  # noqa: E402
-from mlserve.store import Store  # noqa: E402
+from mlserve.bundles.store import Store  # noqa: E402
+from mlserve.engine.api import Sampling  # noqa: E402
+from mlserve.engine.llama.factory import EngineConfig, default_threads, open_model  # noqa: E402
 
 PROMPT = "Once upon a time"
 
 
 def bare_decode(path: Path, n_tokens: int, threads: int) -> float:
     """Tokens/s of a bare single-sequence llama_decode loop (prefill excluded)."""
-    model = LlamaModel(path, n_ctx_seq=1024, n_seq=1, n_threads=threads)
+    model = open_model(EngineConfig(path, "bare", ctx_size=1024, parallel=1, threads=threads))
     try:
         prompt = model.tokenize(PROMPT)
         sampler = model.new_sampler(Sampling(max_tokens=1, temperature=0))

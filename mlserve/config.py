@@ -28,7 +28,11 @@ def env_value(name: str, default: str | None = None) -> str | None:
 
 
 def recipes_dir() -> Path:
-    """The directory of bundled recipes (``recipes/`` in the source tree or package)."""
+    """The directory of bundled recipes: ``$MLSERVE_RECIPES``, the wheel's ``mlserve/recipes``, or the checkout's.
+
+    A wheel carries the top-level ``recipes/`` as ``mlserve/recipes`` (copied by setup.py at
+    build time); an editable install has no copy and reads ``recipes/`` in the checkout.
+    """
     override = env_value("RECIPES")
     if override:
         return Path(override)

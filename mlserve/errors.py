@@ -17,7 +17,7 @@ optional hint (what to do next) and the exit code the CLI uses::
     └── EngineError                   the engine cannot serve             (HTTP 503)
 
 Per-request serving errors (overload, deadline, context overflow) live in
-``mlserve.engine.base`` because only the server sees them.
+``mlserve.engine.api`` because only the server sees them.
 """
 
 from __future__ import annotations

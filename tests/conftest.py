@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ggufgen import write_tiny_llama  # noqa: E402
-from storeutil import REPO  # noqa: E402
+from tests.support.ggufgen import write_tiny_llama
+from tests.support.servers import pack_gemma
+from tests.support.storeutil import REPO
 
 GEMMA_SIZE = 253_113_024
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -51,6 +50,12 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert path.stat().st_size == GEMMA_SIZE
     path.chmod(0o444)  # shared by every test: nobody may alter it
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma_home(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Path:
+    """An MLSERVE_HOME holding the real Gemma bundle as gemma3-270m:1 (packed with its recipe)."""
+    return pack_gemma(tmp_path_factory.mktemp("gemma-home"), gemma_path)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mlserve import audit
+from mlserve.security import audit
 
 
 def _fill(home: Path, n: int = 5) -> Path:

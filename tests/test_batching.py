@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mlserve.engine.base import FinishEvent, GenerationRequest, Sampling
-from mlserve.engine.llama_engine import EngineConfig, LlamaEngine
-from mlserve.engine.llama_model import LlamaModel
+from mlserve.engine.api import ErrorEvent, FinishEvent, GenerationRequest, Sampling
+from mlserve.engine.llama.engine import EngineConfig, LlamaEngine
+from mlserve.engine.llama.model import LlamaModel
 
 pytestmark = pytest.mark.model
 DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "dialogue-to-note.jsonl"
@@ -22,7 +22,7 @@ LENGTH = 24
 
 
 @pytest.fixture(scope="module")
-def model(gemma_path: Path) -> LlamaModel:
+def model(gemma_path: Path) -> Iterator[LlamaModel]:
     m = LlamaModel(gemma_path, n_ctx_seq=256, n_seq=N_SEQ, n_threads=2)
     yield m
     m.close()
@@ -95,7 +95,7 @@ def test_short_request_overtakes_long_ones(gemma_path: Path) -> None:
         started = asyncio.Event()
 
         async def go(name: str, prompt: str, max_tokens: int) -> None:
-            req = GenerationRequest(name, engine.tokenize(prompt), Sampling(max_tokens=max_tokens, temperature=0))
+            req = GenerationRequest(name, await engine.tokenize(prompt), Sampling(max_tokens=max_tokens, temperature=0))
             n = 0
             async for ev in engine.generate(req):
                 n += 1
@@ -125,13 +125,14 @@ def test_prefix_reuse_skips_shared_prompt(gemma_path: Path) -> None:
         engine = LlamaEngine(EngineConfig(gemma_path, "gemma3-270m:1", ctx_size=1024, parallel=2))
         await engine.start()
         texts = []
-        prefix = engine.tokenize(system)
+        prefix = await engine.tokenize(system)
         for question in ("What is the diagnosis?", "What is the diagnosis?", "List the medications."):
-            tokens = prefix + engine.tokenize(" " + question, add_special=False)
+            tokens = prefix + await engine.tokenize(" " + question, add_special=False)
             req = GenerationRequest(question, tokens, Sampling(max_tokens=8, temperature=0))
-            parts = [ev.text async for ev in engine.generate(req)]
+            parts = [ev.text async for ev in engine.generate(req) if not isinstance(ev, ErrorEvent)]
             texts.append("".join(parts))
-        stats = engine.scheduler.stats  # type: ignore[union-attr]
+        stats = engine.stats()
+        assert stats is not None
         await engine.close()
         return texts, stats.prefix_hits, stats.prefix_tokens_reused, len(prefix)
 
@@ -146,8 +147,8 @@ def test_unloading_the_engine_ends_every_request(gemma_path: Path) -> None:
     async def run() -> list[object]:
         engine = LlamaEngine(EngineConfig(gemma_path, "gemma3-270m:1", ctx_size=512, parallel=1))
         await engine.start()
-        running = GenerationRequest("running", engine.tokenize("Once upon a time"), Sampling(400, temperature=0))
-        queued = GenerationRequest("queued", engine.tokenize("The patient"), Sampling(400, temperature=0))
+        running = GenerationRequest("running", await engine.tokenize("Once upon a time"), Sampling(400, temperature=0))
+        queued = GenerationRequest("queued", await engine.tokenize("The patient"), Sampling(400, temperature=0))
         first = asyncio.Event()
 
         async def consume(req: GenerationRequest) -> object:

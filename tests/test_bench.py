@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CliResult, run_mlserve
-from fake_openai import FakeOptions, serve_in_process, serve_in_thread
-from servers import gemma_home  # noqa: F401
 
 from mlserve.bench.loadgen import arrival_gaps
 from mlserve.bench.metrics import METRICS, RequestResult, parse_slo, percentile, summarize
 from mlserve.bench.report import ROWS
 from mlserve.errors import UsageError
+from tests.conftest import CliResult, run_mlserve
+from tests.support.fake_openai import FakeOptions, serve_in_process, serve_in_thread
 
 CONTRACT_KEYS = {
     "max_concurrency",
@@ -213,7 +212,7 @@ def test_client_overhead_is_small() -> None:
 
 # -- against the real model ---------------------------------------------------------
 @pytest.mark.model
-def test_bench_ref_real_model(gemma_home: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bench_ref_real_model(gemma_home: Path, tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     env = {**os.environ, "MLSERVE_HOME": str(gemma_home)}
     args = ("bench", "gemma3-270m", "-c", "1,2", "-n", "4", "--input-len", "32", "--output-len", "12", "-o", out)
@@ -232,7 +231,7 @@ def test_bench_ref_real_model(gemma_home: Path, tmp_path: Path) -> None:  # noqa
 
 
 @pytest.mark.model
-def test_bench_ref_dataset_and_offline(gemma_home: Path) -> None:  # noqa: F811
+def test_bench_ref_dataset_and_offline(gemma_home: Path) -> None:
     env = {**os.environ, "MLSERVE_HOME": str(gemma_home)}
     proc = run_mlserve(
         "bench", "gemma3-270m", "--dataset", DATASET, "-n", "1", "--warmup", "0", "--output-len", "4", "--json",

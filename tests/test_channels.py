@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from storeutil import REPO, assert_one_error, flip_byte
 
-from mlserve.store import Store
+from mlserve.bundles.store import Store
+from tests.support.storeutil import REPO, assert_one_error, flip_byte
 
 
 def _pack(cli, path: Path, name: str = "m") -> dict:
@@ -72,7 +72,7 @@ def test_promote_rollback_history(cli, two, home: Path) -> None:
     table = cli("history", "m")
     assert table.exit_code == 0 and "p99 regression" in table.stdout and "rollback" in table.stdout
 
-    from mlserve import audit
+    from mlserve.security import audit
 
     records = [json.loads(line) for f in audit.log_files(audit.audit_dir()) for line in f.read_text().splitlines()]
     moves = [(r["event"], r["to"]["version"]) for r in records if r["event"].startswith("channel.")]
@@ -154,18 +154,24 @@ def test_rm_force_of_canary_keeps_the_channel(cli, two, home: Path) -> None:
     assert _pointer(home)["version"] == "1" and "canary" not in _pointer(home)
 
 
-def _bench(tmp_path: Path, p99_ttft: float, failed: int = 0) -> Path:
+def _bench(tmp_path: Path, p99_ttft: float, failed: int = 0, digest: str | None = None, model: str = "m") -> Path:
+    """A bench report as `mlserve bench --output` writes it; ``digest`` is the bundle it measured."""
     result = {"max_concurrency": 4, "completed": 10 - failed, "failed": failed, "num_prompts": 10}
     result.update({"p99_ttft_ms": p99_ttft, "median_e2el_ms": 900.0, "p99_e2el_ms": 1200.0, "p99_tpot_ms": 20.0})
-    path = tmp_path / f"bench-{p99_ttft}-{failed}.json"
-    path.write_text(json.dumps({"target": "x", "model": "m", "env": {}, "results": [result]}))
+    path = tmp_path / f"bench-{p99_ttft}-{failed}-{(digest or 'none')[7:19]}-{model}.json"
+    env = {} if digest is None else {"bundle_digest": digest}
+    path.write_text(json.dumps({"target": "x", "model": model, "env": env, "results": [result]}))
     return path
 
 
 def test_require_bench_gate(cli, two, home: Path, tmp_path: Path) -> None:
     _ok(cli, "promote", "m:1", "--to", "production")
     before = _pointer(home)
-    for bench, slo in [(_bench(tmp_path, 650.0), "ttft_ms=500"), (_bench(tmp_path, 100.0, failed=1), "e2el_ms=5000")]:
+    m2 = two[1]["digest"]
+    for bench, slo in [
+        (_bench(tmp_path, 650.0, digest=m2), "ttft_ms=500"),
+        (_bench(tmp_path, 100.0, failed=1, digest=m2), "e2el_ms=5000"),
+    ]:
         result = cli("promote", "m:2", "--to", "production", "--require-bench", bench, "--slo", slo)
         assert result.exit_code == 1, result
         assert_one_error(result.stderr)
@@ -173,12 +179,19 @@ def test_require_bench_gate(cli, two, home: Path, tmp_path: Path) -> None:
     assert (
         "p99 ttft_ms 650"
         in cli(
-            "promote", "m:2", "--to", "production", "--require-bench", _bench(tmp_path, 650.0), "--slo", "ttft_ms=500"
+            "promote",
+            "m:2",
+            "--to",
+            "production",
+            "--require-bench",
+            _bench(tmp_path, 650.0, digest=m2),
+            "--slo",
+            "ttft_ms=500",
         ).stderr
     )
     assert len(_history(cli)) == 1
 
-    good = _bench(tmp_path, 120.0)
+    good = _bench(tmp_path, 120.0, digest=m2)
     _ok(
         cli,
         "promote",
@@ -221,8 +234,9 @@ def test_check_gate_loads_and_refuses_corrupt_or_broken(cli, two, home: Path, tm
 
 def _broken_gguf(tmp_path: Path) -> Path:
     """A tiny llama GGUF missing one tensor: valid GGUF, but llama.cpp refuses to load it."""
-    import ggufgen
     from gguf import GGUFWriter
+
+    from tests.support import ggufgen
 
     original = GGUFWriter.add_tensor
 

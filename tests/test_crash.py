@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from ggufgen import write_tiny_llama
-from storeutil import REPO, manifests, tmp_files
+
+from tests.support.ggufgen import write_tiny_llama
+from tests.support.storeutil import REPO, manifests, tmp_files
 
 ITERATIONS = 10
 MAX_DELAY = 1.5
@@ -133,7 +134,7 @@ def test_installed_entry_point_runs_as_scripts_do(tiny_gguf: Path, home: Path) -
 
 def _crashpoint(k: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(REPO / "tests" / "crashpoint.py"), str(k), *map(str, args)],
+        [sys.executable, str(REPO / "tests" / "support" / "crashpoint.py"), str(k), *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,

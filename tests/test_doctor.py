@@ -6,9 +6,8 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import CliResult
-
-from mlserve.store import Store
+from mlserve.bundles.store import Store
+from tests.conftest import CliResult
 
 Cli = Callable[..., CliResult]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import ServerProcess
-from storeutil import flip_byte
 
-from mlserve.store import Store
+from mlserve.bundles.store import Store
+from tests.support.servers import ServerProcess
+from tests.support.storeutil import flip_byte
 
 FLAGS = ("--parallel", "2", "--ctx-size", "256")
 

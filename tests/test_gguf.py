@@ -6,11 +6,11 @@ import struct
 from pathlib import Path
 
 import pytest
-from ggufgen import write_header, write_tiny_llama
-from storeutil import assert_one_error, manifests
 
-from mlserve import gguf_info
+from mlserve.bundles import gguf_info
 from mlserve.errors import GGUFError
+from tests.support.ggufgen import write_header, write_tiny_llama
+from tests.support.storeutil import assert_one_error, manifests
 
 
 def test_tiny_gguf_passes_inspection(tiny_gguf: Path) -> None:

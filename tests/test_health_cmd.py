@@ -10,9 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CliResult
-from fake_openai import serve_in_thread
-from servers import ServerProcess, gemma_home, start_server  # noqa: F401
+
+from tests.conftest import CliResult
+from tests.support.fake_openai import serve_in_thread
+from tests.support.servers import ServerProcess, start_server
 
 Cli = Callable[..., CliResult]
 
@@ -67,8 +68,9 @@ def test_closed_port_is_unreachable(cli: Cli) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(gemma_home: Path) -> Iterator[ServerProcess]:  # noqa: F811
-    yield from start_server(gemma_home, "--parallel", "2", "--ctx-size", "512")
+def server(gemma_home: Path) -> Iterator[ServerProcess]:
+    with start_server(gemma_home, "--parallel", "2", "--ctx-size", "512") as server:
+        yield server
 
 
 @pytest.mark.model
@@ -81,7 +83,7 @@ def test_real_server(cli: Cli, server: ServerProcess) -> None:
 
 
 @pytest.mark.model
-def test_draining_server_is_unhealthy(cli: Cli, gemma_home: Path) -> None:  # noqa: F811
+def test_draining_server_is_unhealthy(cli: Cli, gemma_home: Path) -> None:
     srv = ServerProcess(gemma_home, ["gemma3-270m"], "--parallel", "1", "--ctx-size", "1024")
     first_token = threading.Event()
 

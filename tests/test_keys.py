@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from mlserve.keys import KeyRing, KeyStore, hash_key
+from mlserve.security.keys import KeyRing, KeyStore, hash_key
 from mlserve.server.app import create_app
 from mlserve.server.ratelimit import RateLimiter
-from mlserve.server.state import ServerSettings
+from mlserve.server.settings import ServerSettings
 
 CANARY = "Jane Canary-Doe MRN 00417733 SSN 123-45-6789"
 

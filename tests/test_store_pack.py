@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
-from storeutil import assert_one_error, blobs, manifests, snapshot, tmp_files
 
-from mlserve.store import Store
+from mlserve.bundles.store import Store
+from tests.support.storeutil import assert_one_error, blobs, manifests, snapshot, tmp_files
 
 
 def test_pack_real_gemma_twice_gives_one_version(cli, gemma_path: Path, home: Path) -> None:
@@ -129,21 +130,30 @@ def test_valid_names_accepted(cli, tiny_gguf: Path, name: str) -> None:
     assert (result.json()["name"], result.json()["version"]) == (name, "A.b_c+d-1")
 
 
-def test_stale_tmp_from_dead_writer_is_cleaned_live_one_kept(cli, tiny_gguf: Path, home: Path) -> None:
+def test_stale_tmp_of_old_versions_waits_out_the_grace_period(cli, tiny_gguf: Path, home: Path) -> None:
+    """pid-tagged files (older mlserve, no flock): a pid can name a live writer in another container."""
+    from mlserve.bundles.staging import GRACE_S
+
     tmp = home / "tmp"
     tmp.mkdir(parents=True)
-    dead = tmp / ".blob-999999999-abc"  # no such pid
-    dead.write_bytes(b"half a blob")
-    live = tmp / f".blob-{os.getpid()}-abc"
-    live.write_bytes(b"being written")
+    old = time.time() - GRACE_S - 60
+    dead_old = tmp / ".blob-999999999-abc"  # no such pid here, untouched for longer than the grace period
+    dead_old.write_bytes(b"half a blob")
+    os.utime(dead_old, (old, old))
+    dead_fresh = tmp / ".blob-999999998-abc"  # may be a live writer in another PID namespace
+    dead_fresh.write_bytes(b"being written elsewhere")
+    live_old = tmp / f".blob-{os.getpid()}-abc"  # alive here: kept however old
+    live_old.write_bytes(b"being written")
+    os.utime(live_old, (old, old))
+    crashed_write = tmp / ".write-999999997-abc"  # atomic writes happen under the store lock: stale now
+    crashed_write.write_bytes(b"{")
     assert cli("pack", tiny_gguf, "--name", "t").exit_code == 0
-    assert not dead.exists()
-    assert live.exists()
-    live.unlink()
+    assert not dead_old.exists() and not crashed_write.exists()
+    assert dead_fresh.exists() and live_old.exists()
 
 
 def test_store_api_pack_matches_cli(tiny_gguf: Path, home: Path) -> None:
-    from mlserve.packing import pack_file
+    from mlserve.bundles.packing import pack_file
 
     bundle, created = pack_file(Store(), tiny_gguf, "api")
     assert created and bundle.ref == "api:1"

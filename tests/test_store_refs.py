@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from storeutil import assert_one_error, blobs, manifests, snapshot
 
-from mlserve.store import Store
+from mlserve.bundles.store import Store
+from tests.support.storeutil import assert_one_error, blobs, manifests, snapshot
 
 
 def _pack(cli, path: Path, name: str, *extra: str) -> dict:
@@ -65,7 +65,7 @@ def test_digest_prefix(cli, three) -> None:
 
 
 def test_ambiguous_digest_prefix_exits_2(cli, make_gguf, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlserve.store as store_mod
+    import mlserve.bundles.store as store_mod
 
     # Make every digest share its first 20 hex digits so a 12-digit prefix is ambiguous.
     real = store_mod.digest_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from storeutil import assert_one_error, blobs, flip_byte
+from tests.support.storeutil import assert_one_error, blobs, flip_byte
 
 
 def _pack(cli, path: Path, name: str, *extra: str) -> dict:

@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import ServerProcess
 
 from mlserve.fsutil import sha256_file
-from mlserve.keys import KeyStore
+from mlserve.security.keys import KeyStore
+from tests.support.servers import ServerProcess
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]

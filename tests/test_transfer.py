@@ -7,7 +7,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from storeutil import assert_one_error, blobs, manifests, snapshot, tmp_files
+
+from tests.support.storeutil import assert_one_error, blobs, flip_byte, manifests, snapshot, tmp_files
 
 
 def _pack(cli, path: Path, name: str, *extra: str) -> dict:
@@ -101,8 +102,6 @@ def test_import_into_store_with_same_version_other_bytes_refused(cli, exported, 
 
 
 def test_export_refuses_damaged_bundle(cli, exported, tmp_path: Path, home: Path) -> None:
-    from storeutil import flip_byte
-
     (blob,) = blobs(home)
     flip_byte(blob, 500)
     target = tmp_path / "broken.tar"

@@ -1,6 +1,6 @@
 """llama-bench-style offline throughput: prompt processing (pp) and generation (tg) tokens/s on the engine.
 
-No HTTP. The caller hands in a loaded model (``mlserve.engine.llama_model.LlamaModel``
+No HTTP. The caller hands in a loaded model (``mlserve.engine.llama.model.LlamaModel``
 or anything with the same few methods), so this core module never imports the engine.
 """
 

@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-from mlserve import audit
 from mlserve.cli.app import app
 from mlserve.cli.console import emit_json, info
 from mlserve.errors import CheckFailed, NotFoundError
+from mlserve.security import audit
 
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")

@@ -24,10 +24,10 @@ from mlserve.bench.offline import run_offline
 from mlserve.bench.runner import Hooks, Plan, levels_from, run
 from mlserve.bench.sysinfo import machine
 from mlserve.bench.workload import Workload, dataset, synthetic
+from mlserve.bundles.store import Bundle, Store
 from mlserve.cli.app import app
 from mlserve.cli.console import emit_json, err, info
 from mlserve.errors import CheckFailed, UsageError
-from mlserve.store import Bundle, Store
 
 _URL = re.compile(r"https?://", re.IGNORECASE)
 TASK = "discharge-summary"
@@ -118,17 +118,16 @@ def _progress(enabled: bool) -> Iterator[Hooks]:
 
 
 def _ref_env(bundle: Bundle, threads: Optional[int], gpu_layers: Optional[int]) -> dict[str, Any]:
-    from mlserve.engine.llama_engine import default_threads
-    from mlserve.engine.llama_model import build_info
+    from mlserve.engine.llama.factory import Overrides, build_info, default_threads, engine_config
 
     build = build_info()
-    defaults = bundle.manifest.get("serving", {}).get("defaults", {})
+    config = engine_config(Store(), bundle, Overrides(threads=threads, gpu_layers=gpu_layers))
     return {
         "server": "local",
-        "threads": threads or default_threads(),
+        "threads": config.threads or default_threads(),
         "llama_cpp": f"llama-cpp-python {build.version}; {build.system_info}",
         "gpu_offload": build.gpu_offload,
-        "gpu_layers": gpu_layers if gpu_layers is not None else defaults.get("gpu_layers", 0),
+        "gpu_layers": config.gpu_layers,
     }
 
 
@@ -274,21 +273,16 @@ def _offline(
     bundle: Bundle, threads: Optional[int], gpu_layers: Optional[int], test: tuple[int, ...]
 ) -> dict[str, Any]:
     """Load the bundle's GGUF into one single-sequence context and run pp/tg."""
-    from mlserve.engine.base import Sampling
-    from mlserve.engine.llama_engine import default_threads
-    from mlserve.engine.llama_model import LlamaModel
+    from mlserve.engine.api import Sampling
+    from mlserve.engine.llama.factory import Overrides, engine_config, open_model
 
     n_prompt, n_gen, repetitions, seed = test
     env = {**machine(), **_ref_env(bundle, threads, gpu_layers), "server": None, "bundle_digest": bundle.digest}
     n_ctx = -(-(max(n_prompt, n_gen + 1) + 16) // 256) * 256
+    overrides = Overrides(ctx_size=n_ctx, parallel=1, threads=threads, gpu_layers=gpu_layers)
+    config = engine_config(Store(), bundle, overrides)
     with err.status(f"loading {bundle.ref}") if err.is_terminal else _nothing() as status:
-        model = LlamaModel(
-            Store().blob_path(bundle.model_sha256),
-            n_ctx_seq=n_ctx,
-            n_seq=1,
-            n_threads=threads or default_threads(),
-            n_gpu_layers=int(env["gpu_layers"] or 0),
-        )
+        model = open_model(config)
         try:
             results = run_offline(
                 model,

@@ -8,12 +8,12 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from mlserve import channels
+from mlserve.bundles import channels
+from mlserve.bundles.store import Bundle, Store
 from mlserve.cli.app import app
 from mlserve.cli.console import emit_json, info
 from mlserve.cli.store_cmds import _print_table
 from mlserve.errors import CheckFailed, EngineError, NotFoundError, UsageError
-from mlserve.store import Bundle, Store
 
 JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 REASON = typer.Option(None, "--reason", help="Why; kept in the channel's history.")
@@ -23,22 +23,10 @@ def _smoke_gate(store: Store, quiet: bool) -> channels.Gate:
     """Load the bundle with llama.cpp and complete a few tokens; refuse when that fails."""
 
     def gate(bundle: Bundle) -> None:
-        from mlserve.engine.llama_engine import EngineConfig
-        from mlserve.engine.smoke import smoke_check
+        from mlserve.engine.smoke import smoke_bundle
 
-        serving = bundle.manifest.get("serving", {})
-        defaults = serving.get("defaults", {})
-        config = EngineConfig(
-            model_path=store.blob_path(bundle.model_sha256),
-            model_id=bundle.ref,
-            ctx_size=min(int(defaults.get("ctx_size") or 512), 512),
-            parallel=1,
-            gpu_layers=int(defaults.get("gpu_layers") or 0),
-            max_queue=1,
-            chat_template=serving.get("chat_template"),
-        )
         try:
-            result = smoke_check(config)
+            result = smoke_bundle(store, bundle)
         except EngineError as exc:
             raise CheckFailed(
                 f"Not promoting {bundle.ref}: the smoke check failed. {exc.message}",
@@ -68,7 +56,9 @@ def promote(
     ),
     check: bool = typer.Option(False, "--check", help="First verify the blobs and run a short completion."),
     require_bench: Optional[Path] = typer.Option(
-        None, "--require-bench", help="A `mlserve bench --output` file that must meet the --slo bounds."
+        None,
+        "--require-bench",
+        help="A `mlserve bench --output` file that measured this very bundle (its env.bundle_digest) and meets --slo.",
     ),
     slo: list[str] = typer.Option([], "--slo", help="KEY=MS bound on each result's p99, e.g. ttft_ms=500."),
     as_json: bool = JSON,

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mlserve.bench import sysinfo
+from mlserve.bundles.store import Bundle, Store
 from mlserve.cli.app import app
 from mlserve.cli.console import emit_json, human_size, info
 from mlserve.errors import CheckFailed, MlserveError
-from mlserve.store import Bundle, Store
 
 MIN_FREE_DISK = 1 << 30
 # Loading needs the weights plus KV cache and compute buffers; 20% headroom is a rough floor.
@@ -35,7 +35,7 @@ def _problem(what: str, fix: str) -> dict[str, str]:
 
 def _build() -> tuple[dict[str, Any], list[dict[str, str]]]:
     try:
-        from mlserve.engine.llama_model import build_info
+        from mlserve.engine.llama.factory import build_info
 
         build = build_info()
     except (ImportError, OSError, MlserveError) as exc:

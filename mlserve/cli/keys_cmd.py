@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
-from mlserve import audit
 from mlserve.cli.app import app
 from mlserve.cli.console import emit_json, info
 from mlserve.config import current_user
-from mlserve.keys import KeyStore
+from mlserve.security import audit
+from mlserve.security.keys import KeyStore
 
 JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
+from mlserve.bundles.store import Store
 from mlserve.cli.app import app
 from mlserve.cli.console import byte_progress, emit_json, info
-from mlserve.pull import pull as run_pull
-from mlserve.store import Store
+from mlserve.sources.pull import pull as run_pull
 
 
 @app.command()

@@ -9,13 +9,13 @@ from typing import Any, Optional
 
 import typer
 
-from mlserve.audit import audit_dir
-from mlserve.cli import serve_security
+import mlserve.cli.serve_security as serve_security
+from mlserve.bundles.store import Bundle, Store
 from mlserve.cli.app import app
 from mlserve.cli.console import info
 from mlserve.errors import IntegrityError
-from mlserve.keys import keys_path
-from mlserve.store import Bundle, Store
+from mlserve.security.audit import audit_dir
+from mlserve.security.keys import keys_path
 
 
 class LogLevel(str, Enum):
@@ -27,50 +27,33 @@ class LogLevel(str, Enum):
     error = "error"
 
 
-def _served(store: Store, bundle: Bundle, opts: dict[str, Optional[int]], max_queue: int):  # type: ignore[no-untyped-def]
-    from mlserve.engine.llama_engine import EngineConfig, LlamaEngine
+def _served(store: Store, bundle: Bundle, overrides: Any) -> Any:
+    """The ServedModel for ``bundle``: its engine built by the one factory, its request defaults."""
+    from mlserve.engine.llama.factory import create_engine, engine_config
     from mlserve.server.state import ServedModel
 
     serving = bundle.manifest.get("serving", {})
-    defaults = dict(serving.get("defaults", {}))
-
-    def pick(key: str, fallback: Optional[int]) -> Optional[int]:
-        value = opts.get(key)
-        return value if value is not None else defaults.get(key, fallback)
-
-    config = EngineConfig(
-        model_path=store.blob_path(bundle.model_sha256),
-        model_id=bundle.ref,
-        ctx_size=int(pick("ctx_size", 4096) or 4096),
-        parallel=int(pick("parallel", 8) or 8),
-        threads=pick("threads", None),
-        gpu_layers=int(pick("gpu_layers", 0) or 0),
-        max_queue=max_queue,
-        chat_template=serving.get("chat_template"),
-        stop=tuple(serving.get("stop", [])),
-    )
+    config = engine_config(store, bundle, overrides)
     created = int(dt.datetime.fromisoformat(bundle.manifest["created_at"].replace("Z", "+00:00")).timestamp())
     return ServedModel(
         name=bundle.name,
         version=bundle.version,
         digest=bundle.digest,
-        engine=LlamaEngine(config),
-        defaults=defaults,
+        engine=create_engine(config),
+        defaults=dict(serving.get("defaults", {})),
         stop=config.stop,
         created=created,
     )
 
 
-def _follow_plan(
-    store: Store, refs: list[str], models: list[Any], opts: dict[str, Optional[int]], max_queue: int
-) -> Any:
+def _follow_plan(store: Store, refs: list[str], models: list[Any], overrides: Any) -> Any:
     """Models served as NAME@CHANNEL follow their channel: a FollowPlan, or None when there are none."""
     from mlserve.server.follow import FollowPlan
 
     pairs = tuple((m, ref.split("@", 1)[1]) for ref, m in zip(refs, models, strict=True) if "@" in ref)
     if not pairs:
         return None
-    return FollowPlan(store, lambda bundle: _served(store, bundle, opts, max_queue), pairs)
+    return FollowPlan(store, lambda bundle: _served(store, bundle, overrides), pairs)
 
 
 @app.command()
@@ -121,6 +104,11 @@ def serve(
     log_content: bool = typer.Option(
         False, "--log-content", help="Log prompt and completion text at INFO (PHI!); off by default."
     ),
+    parse_special: bool = typer.Option(
+        False,
+        "--parse-special",
+        help="Parse special tokens inside message text, as llama-server does (lets a user message fake turns).",
+    ),
     log_level: LogLevel = typer.Option(
         LogLevel.info, "--log-level", envvar="MLSERVE_LOG_LEVEL", case_sensitive=False, help="Server log level."
     ),
@@ -138,13 +126,21 @@ def serve(
                 f"Refusing to serve {bundle.ref}: {problems[0]}.", "Run `mlserve verify` and re-pull the bundle."
             )
         serve_security.check_chat_template(store, bundle)
+    from mlserve.engine.llama.factory import Overrides
     from mlserve.server.app import create_app
     from mlserve.server.run import serve as run_server
-    from mlserve.server.state import ServerSettings
+    from mlserve.server.settings import ServerSettings
 
-    opts = {"ctx_size": ctx_size, "parallel": parallel, "threads": threads, "gpu_layers": gpu_layers}
-    models = [_served(store, b, opts, max_queue) for b in bundles]
-    follow = _follow_plan(store, refs, models, opts, max_queue)
+    overrides = Overrides(
+        ctx_size=ctx_size,
+        parallel=parallel,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        max_queue=max_queue,
+        parse_special_content=parse_special,
+    )
+    models = [_served(store, b, overrides) for b in bundles]
+    follow = _follow_plan(store, refs, models, overrides)
     settings = ServerSettings(
         request_timeout=request_timeout or None,
         drain_timeout=drain_timeout,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from mlserve import keys
+from mlserve.bundles.store import Bundle, Store
 from mlserve.errors import EngineError, InvalidInputError, UsageError
-from mlserve.store import Bundle, Store
+from mlserve.security import keys
 
 # Placeholders for the special tokens while checking a template before the model loads;
 # rendering success does not depend on their exact text.
@@ -53,8 +53,8 @@ def check_exposure(host: str, insecure: bool, tls_on: bool) -> None:
 
 
 def check_chat_template(store: Store, bundle: Bundle) -> None:
-    """Refuse a bundle whose chat template does not render a sample conversation in the sandbox."""
-    from mlserve import gguf_info
+    """Refuse a bundle whose chat template fails, or exceeds the render bounds, on sample conversations."""
+    from mlserve.bundles import gguf_info
     from mlserve.engine.chat import checked_template
 
     source = bundle.manifest.get("serving", {}).get("chat_template")

@@ -9,14 +9,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlserve.channels import release
+from mlserve.bundles.channels import release
+from mlserve.bundles.packing import pack_file
+from mlserve.bundles.store import Bundle, Store
+from mlserve.bundles.transfer import export_bundle, import_archive
 from mlserve.cli.app import app
 from mlserve.cli.console import byte_progress, emit_json, human_size, info
 from mlserve.errors import CheckFailed, ConflictError, UsageError
-from mlserve.packing import pack_file
-from mlserve.recipes import load_recipe
-from mlserve.store import Bundle, Store
-from mlserve.transfer import export_bundle, import_archive
+from mlserve.sources.recipes import load_recipe
 
 JSON = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 

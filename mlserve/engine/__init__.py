@@ -1,1 +1,1 @@
-"""Inference engines behind one narrow async interface (see ``base.Engine``)."""
+"""Inference engines behind one narrow async interface (``mlserve.engine.api``)."""

@@ -1,80 +1,60 @@
-"""Continuous batching: one thread owns the llama.cpp context and packs every active
-sequence's next token, plus chunks of newly admitted prompts, into one llama_decode.
+"""Continuous batching: one thread owns the model's context and packs every active
+sequence's next token, plus chunks of newly admitted prompts, into one decode call.
 
-Each sequence has its own KV sequence id (its slot), its own native sampler chain and
-its own positions; finished or cancelled sequences give their slot back at once and new
-requests join between steps.
+Each sequence has its own KV sequence id (its slot), its own sampler chain and its own
+positions; finished or cancelled sequences give their slot back at once and new requests
+join between steps. Requests and aborts reach the thread through a deque, never a lock
+the thread holds while it decodes, so ``submit`` returns at once whatever the thread does.
 
 Prefix reuse: a free slot keeps the tokens it last held. A new request takes the free
 slot whose cached tokens share the longest prefix with its prompt, drops the cells after
 that prefix and decodes only the rest. On sliding-window models (Gemma 3) cells older
-than the window are gone once a sequence runs past it; llama_memory_seq_pos_min tells
-whether the prefix is still whole, and if not the slot is cleared and the prompt
-decoded in full.
+than the window are gone once a sequence runs past it; ``seq_pos_min`` tells whether the
+prefix is still whole, and if not the slot is cleared and the prompt decoded in full.
+
+Decode errors: "no KV slot" (rc 1) is retried with a smaller batch, down to one sequence,
+which alone then fails; any other code fails the sequences in that batch. The engine dies
+only when the model raises something else, or decodes keep failing (``FATAL_AFTER``).
 """
 
 from __future__ import annotations
 
 import bisect
-import codecs
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from mlserve.engine.base import (
+from mlserve.engine.api import (
+    BATCH_BUCKETS,
     DeadlineExceeded,
     ErrorEvent,
     Event,
     FinishEvent,
+    GenerationFailed,
     GenerationRequest,
     Overloaded,
     RequestError,
+    StepStats,
     TokenEvent,
+    Unavailable,
 )
-from mlserve.engine.llama_model import LlamaModel
-from mlserve.errors import EngineError
+from mlserve.engine.decode import NO_KV_SLOT, DecodeError, DecodeModel
+from mlserve.engine.stops import TextOut
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # tokens per llama_decode, for the histogram
 MIN_REUSE = 16  # shared prompt tokens that make a slot worth choosing over the lowest free one
+FATAL_AFTER = 4  # decode calls failing in a row (none succeeding) that mean the context is unusable
+UNLOADED = "The model was unloaded."
 Deliver = Callable[[list[tuple[Any, Event]]], None]
-
-
-@dataclass
-class StepStats:
-    """Counters the metrics endpoint reads (plain ints: reads need no lock)."""
-
-    active: int = 0
-    queued: int = 0
-    last_batch_tokens: int = 0
-    kv_cells_used: int = 0
-    steps: int = 0
-    batch_tokens_total: int = 0
-    # batch_hist[i]: steps whose batch had at most BATCH_BUCKETS[i] tokens (last slot: more)
-    batch_hist: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
-    prefix_hits: int = 0
-    prefix_tokens_reused: int = 0
+Out = list[tuple[Any, Event]]
+_SUBMIT, _ABORT, _STOP = 0, 1, 2
 
 
 class _Seq:
     """The scheduler's state for one request."""
 
-    __slots__ = (
-        "req",
-        "sink",
-        "slot",
-        "prefilled",
-        "n_past",
-        "last",
-        "generated",
-        "sampler",
-        "utf8",
-        "held",
-        "cancel",
-        "out_tokens",
-    )
+    __slots__ = ("req", "sink", "slot", "prefilled", "n_past", "last", "generated", "sampler", "text", "out_tokens")
 
     def __init__(self, req: GenerationRequest, sink: Any) -> None:
         self.req = req
@@ -85,9 +65,7 @@ class _Seq:
         self.last = -1
         self.generated = 0
         self.sampler: Any = None
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.held = ""
-        self.cancel = False
+        self.text = TextOut(req.sampling.stop)
         self.out_tokens: list[int] = []
 
 
@@ -99,113 +77,169 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _stop_split(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
-    """Split held text into (emit now, keep holding, hit a stop)."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if hits:
-        return text[: min(hits)], "", True
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = max(keep, k)
-                break
-    return text[: len(text) - keep], text[len(text) - keep :], False
+def _slot_of(seq: _Seq) -> int:
+    return seq.slot
 
 
 class Scheduler:
     """Owns the model's context on one thread; requests arrive through ``submit``."""
 
-    def __init__(self, model: LlamaModel, deliver: Deliver, max_queue: int) -> None:
+    def __init__(self, model: DecodeModel, deliver: Deliver, max_queue: int) -> None:
         self.model = model
         self.deliver = deliver
         self.max_queue = max_queue
         self.stats = StepStats()
-        self.failed: str | None = None
+        self.failed: str | None = None  # why the thread died (None while it lives or after a clean stop)
+        self._inbox: deque[tuple[int, Any]] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards _outstanding and _closed only; never held while decoding
+        self._outstanding = 0  # submitted and not yet ended
+        self._closed: str | None = None  # why new requests are refused
         self._pending: deque[_Seq] = deque()
-        self._aborted: set[str] = set()
-        self._cv = threading.Condition()
-        self._stopping = False
         self._active: list[_Seq] = []
         self._free = list(range(model.n_seq - 1, -1, -1))
         self._cached: dict[int, list[int]] = {}  # free slot -> tokens still in its KV cells
+        self._prefill_cap = model.n_batch  # prompt tokens per step; halved on "no KV slot", regrown after
+        self._failures_in_row = 0
         self._thread = threading.Thread(target=self._run, name="mlserve-engine", daemon=True)
 
+    # -- any thread -----------------------------------------------------------------
     def start(self) -> None:
         """Start the engine thread."""
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running."""
+        return self._thread.is_alive()
+
     def submit(self, req: GenerationRequest, sink: Any) -> None:
-        """Queue a request; raise Overloaded when the bounded queue is full."""
-        with self._cv:
-            if self.failed is not None:
-                raise Overloaded(self.failed)
-            if self._stopping:
-                raise Overloaded("The model is being unloaded.")
-            waiting = len(self._pending)
-            if waiting >= self.max_queue and self.model.n_seq - len(self._free) + waiting >= self.model.n_seq:
+        """Queue a request; Overloaded when the bounded queue is full, Unavailable once stopped."""
+        with self._lock:
+            if self._closed is not None:
+                raise Unavailable(self._closed)
+            if self._outstanding >= self.model.n_seq + self.max_queue:
+                waiting = self._outstanding - self.model.n_seq
                 raise Overloaded(f"The model's queue is full ({waiting} waiting); try again shortly.")
+            self._outstanding += 1
             req.submitted_at = time.monotonic()
-            self._pending.append(_Seq(req, sink))
-            self.stats.queued = len(self._pending)
-            self._cv.notify()
+            self._inbox.append((_SUBMIT, _Seq(req, sink)))
+        self._wake.set()
 
     def abort(self, request_id: str) -> None:
-        """Ask the thread to drop a request before its next step."""
-        with self._cv:
-            self._aborted.add(request_id)
-            self._cv.notify()
+        """Drop a request before the next step (its sink hears an error event)."""
+        self._inbox.append((_ABORT, request_id))
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        """Refuse new requests; the thread ends the waiting ones and stops after its current step."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = UNLOADED
+        self._inbox.append((_STOP, None))
+        self._wake.set()
 
     def stop(self) -> None:
-        """Stop the thread (after the current step) and wait for it."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
+        """``request_stop`` and wait for the thread to end."""
+        self.request_stop()
         if self._thread.is_alive():
             self._thread.join()
 
-    # -- the engine thread -------------------------------------------------------
+    # -- the engine thread ----------------------------------------------------------
     def _run(self) -> None:
-        reason = "The model was unloaded."
+        reason = UNLOADED
         try:
-            while self._step():
-                pass
-        except EngineError as exc:
-            self.failed = reason = f"The engine failed: {exc.message}"
-        except Exception as exc:  # a bug must not leave requests waiting forever
-            self.failed = reason = f"The engine failed ({type(exc).__name__})."
+            while True:
+                self._wait_for_work()
+                if not self.step():
+                    break
+        except Exception as exc:  # a model error or a bug: nobody may be left waiting
+            detail = getattr(exc, "message", None) or type(exc).__name__
+            self.failed = reason = f"The engine failed: {detail}"
         finally:
-            # Whoever is still waiting hears that it is over: nothing is left to hang.
-            with self._cv:
-                self._stopping = True
-                waiting = list(self._active) + list(self._pending)
-                self._pending.clear()
-            for seq in self._active:
-                if seq.sampler is not None:
-                    self.model.free_sampler(seq.sampler)
-            self.deliver([(s.sink, ErrorEvent(Overloaded(reason))) for s in waiting])
+            self._teardown(reason)
 
-    def _admit(self) -> tuple[set[str], bool]:
-        with self._cv:
-            while not self._stopping and not self._pending and not self._active and not self._aborted:
-                self._cv.wait()
-            if self._stopping:
-                return set(), False
-            aborted, self._aborted = self._aborted, set()
-            for seq in self._pending:
-                if seq.req.id in aborted:
-                    seq.cancel = True
-            while self._pending and self._free:
-                seq = self._pending.popleft()
-                if seq.cancel:
-                    continue
-                self._assign_slot(seq)
-                seq.req.admitted_at = time.monotonic()
-                self._active.append(seq)
-            if any(s.cancel for s in self._pending):
-                self._pending = deque(s for s in self._pending if not s.cancel)
-            self.stats.queued = len(self._pending)
-        return aborted, True
+    def _wait_for_work(self) -> None:
+        """Sleep while there is nothing to decode and nothing has arrived."""
+        while not self._active and not self._pending and not self._inbox:
+            self._wake.clear()
+            if self._inbox:  # arrived between the check and the clear
+                return
+            self._wake.wait()
+
+    def _teardown(self, reason: str) -> None:
+        with self._lock:
+            if self._closed is None or self.failed:
+                self._closed = reason
+            # Nothing new can enter the inbox now: whatever is in it is the last of it.
+            arrived = [item for kind, item in self._inbox if kind == _SUBMIT]
+            self._inbox.clear()
+        ended = self._active + list(self._pending) + arrived
+        for seq in self._active:
+            if seq.sampler is not None:
+                try:
+                    self.model.free_sampler(seq.sampler)
+                except Exception:  # noqa: BLE001 - a broken context must not keep waiters hanging
+                    pass
+        self._active, self._pending = [], deque()
+        self._ended(len(ended))
+        self.deliver([(s.sink, ErrorEvent(Unavailable(reason))) for s in ended])
+
+    def _ended(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._outstanding -= n
+
+    def step(self) -> bool:
+        """One scheduling step (the thread's loop body; unit tests call it directly): False once stopped."""
+        aborted: set[str] = set()
+        inbox = self._inbox
+        while inbox:
+            kind, item = inbox.popleft()
+            if kind == _SUBMIT:
+                self._pending.append(item)
+            elif kind == _ABORT:
+                aborted.add(item)
+            else:
+                return False
+        out: Out = []
+        now = time.monotonic()
+        if self._pending:
+            self._drop_pending(aborted, now, out)
+        for seq in list(self._active):
+            if seq.req.id in aborted:
+                self._fail(seq, GenerationFailed("The request was aborted."), out)
+            elif seq.req.deadline is not None and now > seq.req.deadline:
+                self._fail(seq, DeadlineExceeded("The request deadline passed; generation stopped."), out)
+        self._admit(now)
+        if self._active:
+            self._decode_step(out)
+        st = self.stats
+        st.active = len(self._active)
+        st.queued = len(self._pending)
+        st.kv_cells_used = sum(s.n_past for s in self._active)
+        if out:
+            self.deliver(out)
+        return True
+
+    def _drop_pending(self, aborted: set[str], now: float, out: Out) -> None:
+        keep: deque[_Seq] = deque()
+        for seq in self._pending:
+            if seq.req.id in aborted:
+                out.append((seq.sink, ErrorEvent(GenerationFailed("The request was aborted."))))
+            elif seq.req.deadline is not None and now > seq.req.deadline:
+                out.append((seq.sink, ErrorEvent(DeadlineExceeded("The request deadline passed while it was queued."))))
+            else:
+                keep.append(seq)
+        self._ended(len(self._pending) - len(keep))
+        self._pending = keep
+
+    def _admit(self, now: float) -> None:
+        while self._pending and self._free:
+            seq = self._pending.popleft()
+            self._assign_slot(seq)
+            seq.req.admitted_at = now
+            self._active.append(seq)
 
     def _assign_slot(self, seq: _Seq) -> None:
         """Give ``seq`` the free slot sharing the longest prompt prefix; keep only that prefix."""
@@ -233,50 +267,24 @@ class Scheduler:
         pos_min = self.model.seq_pos_min(slot)
         return 0 <= pos_min <= max(0, reuse - self.model.n_swa) if self.model.n_swa > 0 else pos_min == 0
 
-    def _step(self) -> bool:
-        aborted, running = self._admit()
-        if not running:
-            return False
-        out: list[tuple[Any, Event]] = []
-        now = time.monotonic()
-        self._expire_pending(now, out)
-        for seq in list(self._active):
-            if seq.req.id in aborted:
-                self._release(seq)
-            elif seq.req.deadline is not None and now > seq.req.deadline:
-                self._release(seq)
-                out.append((seq.sink, ErrorEvent(DeadlineExceeded("The request deadline passed; generation stopped."))))
-        if self._active:
-            self._decode_step(out)
-        if out:
-            self.deliver(out)
-        return True
+    # -- decoding ---------------------------------------------------------------------
+    def _decode_step(self, out: Out) -> None:
+        self._active.sort(key=_slot_of)  # ascending sequence ids: one ubatch, not several
+        gen = [s for s in self._active if s.prefilled == len(s.req.prompt_tokens)]
+        n = self.model.n_batch
+        while len(gen) > n:  # more sequences than one batch holds (parallel > batch): several calls
+            self._decode(gen[:n], 0, out)
+            gen = gen[n:]
+        self._decode(gen, min(self._prefill_cap, n - len(gen)), out)
 
-    def _expire_pending(self, now: float, out: list[tuple[Any, Event]]) -> None:
-        with self._cv:
-            expired = [s for s in self._pending if s.req.deadline is not None and now > s.req.deadline]
-            if expired:
-                self._pending = deque(s for s in self._pending if s not in expired)
-        for seq in expired:
-            out.append((seq.sink, ErrorEvent(DeadlineExceeded("The request deadline passed while it was queued."))))
-
-    def _decode_step(self, out: list[tuple[Any, Event]]) -> None:
-        m = self.model
-        self._active.sort(key=lambda s: s.slot)  # ascending sequence ids: one ubatch, not several
-        tokens: list[int] = []
-        pos: list[int] = []
-        seqs: list[int] = []
-        want: list[bool] = []
-        sample_at: list[tuple[_Seq, int]] = []
-        for seq in self._active:
-            if seq.prefilled == len(seq.req.prompt_tokens):
-                tokens.append(seq.last)
-                pos.append(seq.n_past)
-                seqs.append(seq.slot)
-                want.append(True)
-                sample_at.append((seq, len(tokens) - 1))
-        budget = m.n_batch - len(tokens)
-        prefill: list[tuple[_Seq, int]] = []
+    def _decode(self, gen: list[_Seq], budget: int, out: Out) -> None:
+        """Decode ``gen``'s next tokens plus up to ``budget`` prompt tokens; sample what completes."""
+        tokens = [s.last for s in gen]
+        pos = [s.n_past for s in gen]
+        seqs = [s.slot for s in gen]
+        want = [True] * len(gen)
+        sample_at = list(zip(gen, range(len(gen)), strict=True))
+        chunks: list[tuple[_Seq, int]] = []
         for seq in self._active:
             remaining = len(seq.req.prompt_tokens) - seq.prefilled
             if remaining <= 0 or budget <= 0:
@@ -290,65 +298,98 @@ class Scheduler:
             if take == remaining:
                 want[-1] = True
                 sample_at.append((seq, len(tokens) - 1))
-            prefill.append((seq, take))
+            chunks.append((seq, take))
             budget -= take
-        m.decode(tokens, pos, seqs, want)
+        if not tokens:
+            return
+        try:
+            self.model.decode(tokens, pos, seqs, want)
+        except DecodeError as exc:
+            self._on_decode_error(exc, gen, chunks, out)
+            return
+        self._failures_in_row = 0
+        self._prefill_cap = min(self.model.n_batch, self._prefill_cap * 2)
         st = self.stats
         st.steps += 1
         st.last_batch_tokens = len(tokens)
         st.batch_tokens_total += len(tokens)
         st.batch_hist[bisect.bisect_left(BATCH_BUCKETS, len(tokens))] += 1
-        for seq, take in prefill:
+        for seq, take in chunks:
             seq.prefilled += take
             seq.n_past += take
-        for seq, _ in sample_at:
-            if seq.generated > 0:
-                seq.n_past += 1
+        for seq in gen:
+            seq.n_past += 1
+        m = self.model
         for seq, index in sample_at:
             if seq.sampler is None:
                 seq.sampler = m.new_sampler(seq.req.sampling)
             self._on_token(seq, m.sample(seq.sampler, index), out)
-        st.active = len(self._active)
-        st.kv_cells_used = sum(s.n_past for s in self._active)
 
-    def _on_token(self, seq: _Seq, token: int, out: list[tuple[Any, Event]]) -> None:
+    def _on_decode_error(self, exc: DecodeError, gen: list[_Seq], chunks: list[tuple[_Seq, int]], out: Out) -> None:
+        # Forget any cells the failed call left behind, so a retry starts from known positions.
+        for seq in gen:
+            self.model.clear_seq(seq.slot, seq.n_past)
+        for seq, _ in chunks:
+            self.model.clear_seq(seq.slot, seq.prefilled)
+        st = self.stats
+        prompt_tokens = sum(take for _, take in chunks)
+        if exc.rc == NO_KV_SLOT and prompt_tokens > 1:
+            st.decode_retries += 1
+            self._prefill_cap = max(1, prompt_tokens // 2)
+            self._decode(gen, self._prefill_cap, out)
+        elif exc.rc == NO_KV_SLOT and len(gen) + len(chunks) > 1:
+            # Two smaller groups; the one-token prompt chunk goes with the second.
+            st.decode_retries += 1
+            half = (len(gen) + 1) // 2
+            self._decode(gen[:half], 0, out)
+            self._decode(gen[half:], prompt_tokens, out)
+        else:
+            if exc.rc != NO_KV_SLOT:
+                self._failures_in_row += 1
+                if self._failures_in_row >= FATAL_AFTER:
+                    raise exc
+            error = GenerationFailed(f"The model could not decode this request: {exc.message}")
+            for seq in gen + [s for s, _ in chunks]:
+                self._fail(seq, error, out, broken=True)
+
+    def _on_token(self, seq: _Seq, token: int, out: Out) -> None:
         seq.generated += 1
         seq.last = token
         seq.out_tokens.append(token)
         if self.model.is_eog(token):
-            self._finish(seq, "stop", out, flush=True)
+            self._finish(seq, "stop", out, seq.text.flush())
             return
-        text = seq.utf8.decode(self.model.piece(token))
-        stops = seq.req.sampling.stop
-        if stops:
-            emit, seq.held, hit = _stop_split(seq.held + text, stops)
-            if hit:
-                seq.held = ""
-                self._finish(seq, "stop", out, emit)
-                return
-            text = emit
-        if seq.generated >= seq.req.sampling.max_tokens:
-            self._finish(seq, "length", out, text, flush=True)
-            return
-        out.append((seq.sink, TokenEvent(text, 1)))
+        text, hit = seq.text.push(self.model.piece(token))
+        if hit:
+            self._finish(seq, "stop", out, text)
+        elif seq.generated >= seq.req.sampling.max_tokens:
+            self._finish(seq, "length", out, text + seq.text.flush())
+        else:
+            out.append((seq.sink, TokenEvent(text, 1)))
 
-    def _finish(
-        self, seq: _Seq, reason: str, out: list[tuple[Any, Event]], text: str = "", flush: bool = False
-    ) -> None:
-        # flush: text held back (a possible stop-string start, a split UTF-8 character) is real output.
-        tail = text + seq.held + seq.utf8.decode(b"", final=True) if flush else text
+    def _finish(self, seq: _Seq, reason: str, out: Out, tail: str) -> None:
         out.append((seq.sink, FinishEvent(reason, len(seq.req.prompt_tokens), seq.generated, tail)))
-        self._release(seq)
+        self._release(seq, keep_cells=True)
 
-    def _release(self, seq: _Seq) -> None:
+    def _fail(self, seq: _Seq, error: RequestError, out: Out, *, broken: bool = False) -> None:
+        """End ``seq`` with an error; ``broken``: a decode failed it, so its cells are not trusted."""
+        out.append((seq.sink, ErrorEvent(error)))
+        if broken:
+            self.stats.sequences_failed += 1
+        self._release(seq, keep_cells=not broken)
+
+    def _release(self, seq: _Seq, *, keep_cells: bool) -> None:
         if seq.sampler is not None:
             self.model.free_sampler(seq.sampler)
             seq.sampler = None
-        # The slot keeps its cells: the next request with the same prefix reuses them.
-        self._cached[seq.slot] = (seq.req.prompt_tokens + seq.out_tokens)[: seq.n_past]
+        if keep_cells:
+            # The slot keeps its cells: the next request with the same prefix reuses them.
+            self._cached[seq.slot] = (seq.req.prompt_tokens + seq.out_tokens)[: seq.n_past]
+        else:
+            self.model.clear_seq(seq.slot)
         self._active.remove(seq)
         self._free.append(seq.slot)
-        self.stats.active = len(self._active)
+        self._ended(1)
 
 
-__all__ = ["Scheduler", "StepStats", "RequestError"]
+__all__ = ["MIN_REUSE", "Scheduler", "StepStats"]

@@ -1,35 +1,28 @@
-"""API-key authentication, scopes and rate limiting, as plain ASGI middleware (streaming untouched).
+"""API keys, scopes and rate limits: who may call a route, read from the route registry.
 
-Scopes: ``infer`` for ``/v1/*`` and ``/v2/models/*/ready``; ``metrics`` for ``/metrics``;
-``admin`` covers all. Liveness and readiness stay open so orchestrators can probe.
-Other paths need a valid key of any scope (then answer 404).
+Scopes: ``infer`` for inference and model listing, ``metrics`` for ``/metrics``, ``admin``
+covers all. ``open`` routes (liveness and readiness probes) need no key, so orchestrators can
+probe. A path no surface declares needs a valid key of any scope (then answers 404).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.datastructures import Headers
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mlserve.audit import AuditLog
-from mlserve.keys import KeyRing
-from mlserve.server.auditing import INFERENCE_ROUTES, RequestAudit
+from mlserve.security.audit import AuditLog
+from mlserve.security.keys import KeyRecord, KeyRing
+from mlserve.server.errors import Forbidden, RateLimited, Unauthorized
 from mlserve.server.ratelimit import RateLimiter
-from mlserve.server.state import ServerSettings
-from mlserve.server.tracking import request_id
-
-log = logging.getLogger("mlserve.server")
-OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
+from mlserve.server.registry import RouteSpec
+from mlserve.server.settings import ServerSettings
 
 
 @dataclass
 class Guard:
-    """What the security layer holds for one app: keys, rate limiter, audit writer, content logging."""
+    """What the security layer holds for one app: keys, rate limiter, audit log, content logging."""
 
     keys: KeyRing
     limiter: RateLimiter
@@ -37,17 +30,15 @@ class Guard:
     log_content: bool = False
 
 
-def required_scope(path: str) -> str | None:
-    """The scope a path needs; None: any valid key."""
-    if path.startswith("/v1/") or (path.startswith("/v2/models/") and path.endswith("/ready")):
-        return "infer"
-    if path == "/metrics":
-        return "metrics"
-    return None
+def build_guard(settings: ServerSettings) -> Guard:
+    """The guard for these settings: reads the key file now and opens the audit log."""
+    keys = KeyRing(Path(settings.keys_file) if settings.keys_file else None)
+    audit = AuditLog(Path(settings.audit_dir)) if settings.audit_dir else None
+    return Guard(keys, RateLimiter(settings.rate_limit), audit, settings.log_content)
 
 
 def presented_key(headers: Headers) -> str | None:
-    """``Authorization: Bearer KEY`` or ``x-api-key: KEY``."""
+    """``Authorization: Bearer KEY`` or ``x-api-key: KEY`` (Anthropic's and Azure's header)."""
     auth = headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -55,70 +46,31 @@ def presented_key(headers: Headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
-class AuthMiddleware:
-    """Refuses with 401/403/429 in OpenAI's error shape; passes the key name on in ``scope``."""
-
-    def __init__(self, app: ASGIApp, guard: Guard) -> None:
-        self.app = app
-        self.guard = guard
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        keys = self.guard.keys
-        keys.refresh()
-        name: str | None = None
-        if keys.enabled:
-            given = presented_key(headers)
-            record = keys.authenticate(given) if given else None
-            if record is None:
-                message = "A valid API key is required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
-                refusal = _error(401, message, "authentication_error", "invalid_api_key")
-                refusal.headers["WWW-Authenticate"] = "Bearer"
-                await self._refuse(scope, receive, send, refusal)
-                return
-            needed = required_scope(path)
-            scope["mlserve.key"] = record.name
-            if needed is not None and not record.allows(needed):
-                message = f"This API key lacks the '{needed}' scope needed here."
-                await self._refuse(scope, receive, send, _error(403, message, "permission_error", "insufficient_scope"))
-                return
-            name = record.name
-        # The limit is per API key; a keyless (loopback-only) server does not throttle, so a
-        # gateway that forwards a whole ward's requests from one address is never surprised.
-        wait = self.guard.limiter.check(f"key:{name}") if name else None
-        if wait is not None:
-            refusal = _error(429, "Rate limit exceeded; retry later.", "rate_limit_error", "rate_limit_exceeded")
-            refusal.headers["Retry-After"] = str(wait)
-            scope["mlserve.key"] = name
-            await self._refuse(scope, receive, send, refusal)
-            return
-        scope["mlserve.key"] = name
-        await self.app(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, response: JSONResponse) -> None:
-        path = scope.get("path", "")
-        if path in INFERENCE_ROUTES and scope.get("method") == "POST":
-            rid = request_id(Request(scope))
-            response.headers["x-request-id"] = rid
-            RequestAudit(scope, rid, path).finish(response.status_code)
-            app = scope.get("app")
-            state = getattr(app.state, "mlserve", None) if app is not None else None
-            if state is not None:
-                state.metrics.requests.labels("", path, str(response.status_code)).inc()
-            log.info("request %s %s status=%d", rid, path, response.status_code)
-        await response(scope, receive, send)
+def identify(guard: Guard, spec: RouteSpec | None, headers: Headers) -> KeyRecord | None:
+    """The key presented for ``spec`` (None on a keyless server or an open route); Unauthorized without one."""
+    if spec is not None and spec.scope == "open":
+        return None
+    keys = guard.keys
+    keys.refresh()
+    if not keys.enabled:
+        return None
+    given = presented_key(headers)
+    record = keys.authenticate(given) if given else None
+    if record is None:
+        raise Unauthorized("A valid API key is required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'.")
+    return record
 
 
-def _error(status: int, message: str, kind: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
+def authorize(guard: Guard, spec: RouteSpec | None, record: KeyRecord | None) -> None:
+    """Refuse a key that lacks the route's scope (Forbidden) or is over its rate (RateLimited).
 
-
-def build_guard(settings: ServerSettings) -> Guard:
-    """The guard for these settings: reads the key file now and opens the audit log."""
-    keys = KeyRing(Path(settings.keys_file) if settings.keys_file else None)
-    audit = AuditLog(Path(settings.audit_dir)) if settings.audit_dir else None
-    return Guard(keys, RateLimiter(settings.rate_limit), audit, settings.log_content)
+    A keyless server is loopback-only (serve refuses otherwise) and is not throttled, so a
+    gateway that forwards a whole ward's requests from one address is never surprised.
+    """
+    if record is None:
+        return
+    if spec is not None and not record.allows(spec.scope):
+        raise Forbidden(f"This API key lacks the '{spec.scope}' scope needed here.")
+    wait = guard.limiter.check(f"key:{record.name}")
+    if wait is not None:
+        raise RateLimited("Rate limit exceeded; retry later.", wait)

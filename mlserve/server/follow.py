@@ -23,9 +23,9 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from mlserve.bundles.store import Bundle, Store
 from mlserve.errors import MlserveError
 from mlserve.server.state import ServedModel, ServerState
-from mlserve.store import Bundle, Store
 
 log = logging.getLogger("mlserve.server")
 Build = Callable[[Bundle], ServedModel]
@@ -89,10 +89,7 @@ class ChannelFollower:
         """Act on the pointer when its bytes changed since the last look."""
         if self.state.draining:
             return
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            data = b""
+        data = self._read()
         if data == self._seen:
             return
         self._seen = data
@@ -100,20 +97,39 @@ class ChannelFollower:
             log.warning("channel %s is gone; still serving %s", self.label, self.stable.id)
             return
         pointer: dict[str, Any] = json.loads(data)
-        stable = await self._ensure(pointer)
-        if stable is None:
-            return
-        canary: tuple[ServedModel, float] | None = None
-        want = pointer.get("canary")
-        if isinstance(want, dict):
-            model = await self._ensure(want)
-            canary = None if model is None else (model, float(want["percent"]))
-        self._switch(stable, canary)
+        fresh: list[ServedModel] = []  # loaded by this look: closed unless traffic was switched to them
+        try:
+            stable = await self._ensure(pointer, fresh)
+            if stable is None:
+                return
+            canary: tuple[ServedModel, float] | None = None
+            want = pointer.get("canary")
+            if isinstance(want, dict):
+                model = await self._ensure(want, fresh)
+                canary = None if model is None else (model, float(want["percent"]))
+            if self._read() != data:
+                # The channel moved while we verified and loaded (a rollback, say): never switch to a
+                # version it no longer names; look again at once.
+                log.info("channel %s moved while loading; looking again", self.label)
+                self._seen = None
+                self._wake.set()
+                return
+            self._switch(stable, canary)
+        finally:
+            for m in fresh:
+                if all(m is not live for live in self._live()):
+                    await m.engine.close()
+
+    def _read(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return b""
 
     def _live(self) -> list[ServedModel]:
         return [self.stable] + ([self.canary[0]] if self.canary else [])
 
-    async def _ensure(self, target: dict[str, Any]) -> ServedModel | None:
+    async def _ensure(self, target: dict[str, Any], fresh: list[ServedModel]) -> ServedModel | None:
         """The served model for ``target`` (``version``, ``digest``): already live, or verified, loaded and warmed."""
         version, digest = str(target["version"]), str(target["digest"])
         for m in self._live():
@@ -132,17 +148,15 @@ class ChannelFollower:
                 raise MlserveError(f"verification failed: {'; '.join(problems)}")
             log.info("channel %s: loading %s beside %s", self.label, ident, self.stable.id)
             model = self.plan.build(bundle)
+            fresh.append(model)
             await model.engine.start()
         except (MlserveError, OSError, ValueError, KeyError) as exc:
             if model is not None:
+                fresh.remove(model)
                 await model.engine.close()
             self.metrics.failures.labels(ident, self.label).inc()
             log.error("channel %s: not switching to %s: %s; still serving %s", self.label, ident, exc, self.stable.id)
             return None
-        except asyncio.CancelledError:
-            if model is not None:
-                await model.engine.close()
-            raise
         self.state.metrics.engine_up.labels(model.id).set(1)
         log.info("channel %s: %s ready in %.1f s", self.label, ident, time.monotonic() - started)
         return model

@@ -1,11 +1,15 @@
-"""Liveness and readiness, answered from the event loop without touching an engine thread."""
+"""Probes and metrics: liveness, readiness, KServe's Open Inference Protocol health, Prometheus.
+
+Every answer comes from plain attributes on the event loop, never from an engine thread.
+"""
 
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
 
+from mlserve.server.errors import Outcome, render_openai
+from mlserve.server.registry import RouteSpec, Surface
 from mlserve.server.state import ServerState
 
 
@@ -15,7 +19,11 @@ def _state(request: Request) -> ServerState:
 
 
 async def live(request: Request) -> JSONResponse:
-    """GET /health/live."""
+    """GET /health/live: 200 while the process serves HTTP and every engine can still serve."""
+    state = _state(request)
+    if not state.alive():
+        dead = {m.id: m.engine.health().detail for m in state.models if not m.engine.health().alive}
+        return JSONResponse({"status": "dead", "models": dead}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -27,7 +35,7 @@ async def ready(request: Request) -> JSONResponse:
         status = "draining"
     elif all(s == "ready" for s in models.values()):
         status = "ready"
-    elif any(s == "failed" for s in models.values()):
+    elif any(s in ("failed", "dead") for s in models.values()):
         status = "failed"
     else:
         status = "loading"
@@ -38,7 +46,8 @@ async def ready(request: Request) -> JSONResponse:
 
 async def v2_live(request: Request) -> JSONResponse:
     """GET /v2/health/live (KServe Open Inference Protocol)."""
-    return JSONResponse({"live": True})
+    ok = _state(request).alive()
+    return JSONResponse({"live": ok}, status_code=200 if ok else 503)
 
 
 async def v2_ready(request: Request) -> JSONResponse:
@@ -48,19 +57,37 @@ async def v2_ready(request: Request) -> JSONResponse:
 
 
 async def v2_model_ready(request: Request) -> JSONResponse:
-    """GET /v2/models/{name}/ready."""
-    state = _state(request)
-    model = state.lookup(request.path_params["name"])
-    ok = model.engine.health().ready and not state.draining
+    """GET /v2/models/{name}/ready: the stable version and any canary both ready (never a random pick)."""
+    model, ok = _state(request).model_ready(request.path_params["name"])
     return JSONResponse({"name": model.id, "ready": ok}, status_code=200 if ok else 503)
 
 
-def routes() -> list[Route]:
-    """The health routes."""
-    return [
-        Route("/health/live", live, methods=["GET"]),
-        Route("/health/ready", ready, methods=["GET"]),
-        Route("/v2/health/live", v2_live, methods=["GET"]),
-        Route("/v2/health/ready", v2_ready, methods=["GET"]),
-        Route("/v2/models/{name:path}/ready", v2_model_ready, methods=["GET"]),
-    ]
+async def metrics(request: Request) -> Response:
+    """GET /metrics in Prometheus text format."""
+    body = _state(request).metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def kserve_error(outcome: Outcome) -> Response:
+    """KServe's error shape: ``{"error": "..."}``."""
+    return JSONResponse({"error": outcome.message}, status_code=outcome.status)
+
+
+OPS = Surface(
+    "ops",
+    (
+        RouteSpec("/health/live", live, ("GET",), "open"),
+        RouteSpec("/health/ready", ready, ("GET",), "open"),
+        RouteSpec("/metrics", metrics, ("GET",), "metrics"),
+    ),
+    render_openai,
+)
+KSERVE = Surface(
+    "kserve",
+    (
+        RouteSpec("/v2/health/live", v2_live, ("GET",), "open"),
+        RouteSpec("/v2/health/ready", v2_ready, ("GET",), "open"),
+        RouteSpec("/v2/models/{name:path}/ready", v2_model_ready, ("GET",), "infer"),
+    ),
+    kserve_error,
+)

@@ -76,9 +76,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_started = True
         self.state.draining = True
         for m in self.state.models:
-            drain = getattr(m.engine, "begin_drain", None)
-            if drain is not None:
-                drain()
+            m.engine.begin_drain()
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:

@@ -1,9 +1,13 @@
-"""Server-Sent Events framing."""
+"""Streaming responses: Server-Sent Events framing, and a stream that always releases its generation."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 DONE = b"data: [DONE]\n\n"
 
@@ -11,3 +15,26 @@ DONE = b"data: [DONE]\n\n"
 def event(data: dict[str, Any]) -> bytes:
     """One ``data:`` event holding JSON."""
     return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A stream whose ``release`` runs however it ends, even if the client left before it began."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        release: Callable[[], Awaitable[None]],
+        media_type: str = "text/event-stream",
+    ) -> None:
+        super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        self._chunks = chunks
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            closer = getattr(self._chunks, "aclose", None)
+            if closer is not None:
+                await closer()
+            await self._release()

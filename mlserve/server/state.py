@@ -6,26 +6,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlserve.engine.base import Engine
-from mlserve.engine.scheduler import StepStats
+from mlserve.engine.api import Engine, StepStats
 from mlserve.errors import NotFoundError
+from mlserve.server.auth import Guard
 from mlserve.server.metrics import Metrics
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Server limits; each comes from a CLI flag, then MLSERVE_* environment, then this default."""
-
-    request_timeout: float | None = 600.0
-    drain_timeout: float = 30.0
-    max_body_bytes: int = 4 << 20
-    max_tokens_cap: int | None = None
-    retry_after: int = 1
-    # Security (issue 8): None means off, so apps built directly (tests) run keyless and unaudited.
-    keys_file: str | None = None
-    audit_dir: str | None = None
-    rate_limit: int = 0
-    log_content: bool = False
+from mlserve.server.settings import ServerSettings
 
 
 @dataclass
@@ -50,9 +35,10 @@ class ServedModel:
 class ServerState:
     """Shared by every route; everything here is read from the event loop."""
 
-    def __init__(self, models: list[ServedModel], settings: ServerSettings) -> None:
+    def __init__(self, models: list[ServedModel], settings: ServerSettings, guard: Guard) -> None:
         self.models = models
         self.settings = settings
+        self.guard = guard
         self.draining = False
         self.in_flight = 0
         self.metrics = Metrics(self._stats)
@@ -65,9 +51,9 @@ class ServerState:
     def _stats(self) -> list[tuple[str, StepStats]]:
         out = []
         for m in self.models:
-            sched = getattr(m.engine, "scheduler", None)
-            if sched is not None:
-                out.append((m.id, sched.stats))
+            stats = m.engine.stats()
+            if stats is not None:
+                out.append((m.id, stats))
         return out
 
     def lookup(self, name: str) -> ServedModel:
@@ -106,6 +92,19 @@ class ServerState:
     def ready(self) -> bool:
         """Every model loaded and warmed, and not draining."""
         return not self.draining and all(m.engine.health().ready for m in self.models)
+
+    def alive(self) -> bool:
+        """False once an engine can never serve again: liveness fails so an orchestrator restarts us."""
+        return all(m.engine.health().alive for m in self.models)
+
+    def model_ready(self, ident: str) -> tuple[ServedModel, bool]:
+        """The model ``ident`` names and whether it answers now: its stable version and any canary ready."""
+        model = self._by_name.get(ident)
+        if model is None:
+            raise NotFoundError("The requested model is not served here; GET /v1/models lists the models served.")
+        canary = self._canary.get(ident)
+        routed = [model] + ([canary[0]] if canary is not None else [])
+        return model, not self.draining and all(m.engine.health().ready for m in routed)
 
     def public_ids(self) -> list[tuple[str, ServedModel]]:
         """The ids clients may send: NAME for each model, and NAME:VERSION."""

@@ -1,0 +1,1 @@
+"""Bundles: the content-addressed store, GGUF validation, packing, transfer and channels."""

@@ -1,0 +1,1 @@
+"""The llama.cpp backend: model wrapper, engine and the factory that builds it from a bundle."""

@@ -1,0 +1,50 @@
+"""How to run one llama.cpp model (``EngineConfig``) and how to open it (``load_model``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlserve.engine.llama.model import LlamaModel
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run one model."""
+
+    model_path: Path
+    model_id: str
+    ctx_size: int = 4096
+    parallel: int = 8
+    threads: int | None = None
+    gpu_layers: int = 0
+    max_queue: int = 64
+    batch: int = 512
+    kv_unified: bool = False
+    chat_template: str | None = None
+    stop: tuple[str, ...] = ()
+    # llama-server's behaviour: control-token text inside message content becomes real control
+    # tokens. Off by default, so a user cannot close their turn and speak as the model.
+    parse_special_content: bool = False
+
+
+def default_threads() -> int:
+    """Physical-ish core count: all available CPUs, at least one."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def load_model(config: EngineConfig) -> LlamaModel:
+    """Validate the GGUF and load it with ``parallel`` sequences of ``ctx_size`` cells (blocking)."""
+    return LlamaModel(
+        config.model_path,
+        n_ctx_seq=config.ctx_size,
+        n_seq=config.parallel,
+        n_threads=config.threads or default_threads(),
+        n_gpu_layers=config.gpu_layers,
+        n_batch=config.batch,
+        kv_unified=config.kv_unified,
+    )

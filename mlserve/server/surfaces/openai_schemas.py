@@ -1,0 +1,104 @@
+"""Request bodies of the OpenAI surface, validated at the boundary."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mlserve.engine.api import InvalidRequest
+
+MAX_STOP = 8
+MAX_STOP_LEN = 256
+
+
+class _Body(BaseModel):
+    # Unknown fields are refused: a sampling option we silently ignored would be a lie.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    """OpenAI's stream_options."""
+
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str = Field(min_length=1, max_length=200)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0, le=10)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    logprobs: Literal[False] | None = None
+    user: str | None = Field(None, max_length=256)
+    metadata: dict[str, str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_LEN for s in stops):
+            raise ValueError(f"at most {MAX_STOP} non-empty stop sequences of up to {MAX_STOP_LEN} characters")
+        return stops
+
+
+class TextPart(_Body):
+    """A text content part."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        """The message's content as one string."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: Literal[0] | None = None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as the chat template expects them (developer is treated as system)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] = Field(min_length=1)
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+    def prompt_text(self) -> str | list[int]:
+        """The single prompt, as text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if all(isinstance(x, int) for x in p):
+            return [int(x) for x in p]
+        if len(p) != 1:
+            raise InvalidRequest("Only one prompt per request is supported; send one request per prompt.")
+        return str(p[0])

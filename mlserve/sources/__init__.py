@@ -1,0 +1,1 @@
+"""Where models come from: pull (Hub, packages, local files) and recipes."""

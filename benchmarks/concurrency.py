@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,36 @@ def http_levels(
         server.stop()
 
 
+def against_baseline(
+    ref: str, src: Path, levels: tuple[int, ...], args: argparse.Namespace
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Both mlserve trees up at once, measured one at a time, alternating, --repeats times; medians.
+
+    Only the server under load uses the CPU (the other idles), and alternating the order each
+    repeat spreads the machine's drift over both, so the ratio holds where absolute figures move.
+    """
+    flags = ("--parallel", str(max(levels)), "--ctx-size", str(CTX))
+    ours_srv = start_mlserve(ref, *flags)
+    os.environ["PYTHONPATH"] = str(src.resolve())  # the baseline's server imports its own tree
+    try:
+        base_srv = start_mlserve(ref, *flags)
+    finally:
+        del os.environ["PYTHONPATH"]
+    runs: dict[str, dict[int, list[float]]] = {"ours": {c: [] for c in levels}, "base": {c: [] for c in levels}}
+    try:
+        for c in levels:
+            for r in range(args.repeats):
+                order = [("ours", ours_srv), ("base", base_srv)]
+                for name, srv in order if r % 2 == 0 else order[::-1]:
+                    runs[name][c].append(asyncio.run(http_level(srv.url, ref, c, args.rounds, args.tokens)))
+            print(f"  concurrency {c}: ours {runs['ours'][c]} base {runs['base'][c]}", file=sys.stderr, flush=True)
+    finally:
+        ours_srv.stop()
+        base_srv.stop()
+    med = {name: {c: statistics.median(v) for c, v in per.items()} for name, per in runs.items()}
+    return med["ours"], med["base"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref", default="gemma3-270m")
@@ -113,6 +144,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
     parser.add_argument("--baseline-src", default=None, help="another mlserve source tree to run as a baseline")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating measurements per level (baseline runs)")
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
     store = Store()
@@ -121,21 +153,20 @@ def main() -> None:
     threads = default_threads()
     par = str(max(levels))
     bare = bare_batched(path, levels, args.tokens, threads)
-    ours = http_levels(
-        start_mlserve(bundle.ref, "--parallel", par, "--ctx-size", str(CTX)),
-        bundle.ref,
-        levels,
-        args.rounds,
-        args.tokens,
+    ours = (
+        {}
+        if args.baseline_src
+        else http_levels(
+            start_mlserve(bundle.ref, "--parallel", par, "--ctx-size", str(CTX)),
+            bundle.ref,
+            levels,
+            args.rounds,
+            args.tokens,
+        )
     )
     base: dict[int, float] = {}
     if args.baseline_src:
-        os.environ["PYTHONPATH"] = str(Path(args.baseline_src).resolve())  # the baseline's server imports it
-        try:
-            baseline = start_mlserve(bundle.ref, "--parallel", par, "--ctx-size", str(CTX))
-        finally:
-            del os.environ["PYTHONPATH"]
-        base = http_levels(baseline, bundle.ref, levels, args.rounds, args.tokens)
+        ours, base = against_baseline(bundle.ref, Path(args.baseline_src), levels, args)
     theirs: dict[int, float] = {}
     if args.llama_server:
         server = start_llama_server(args.llama_server, path, max(levels), CTX, threads, 18731)

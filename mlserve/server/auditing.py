@@ -1,4 +1,4 @@
-"""The audit record of one request and the writer that appends it off the event loop.
+"""Audit record pieces (prompt hash, sampling) and the writer that appends records off the event loop.
 
 A record holds who (key name, client address), what (route, model name, version, digest,
 effective sampling parameters, token counts), the outcome (status, latency) and the sha256 of
@@ -11,14 +11,11 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlserve.engine.api import Sampling
 from mlserve.names import canonical_text
 from mlserve.security.audit import AuditLog
-
-if TYPE_CHECKING:
-    from mlserve.server.context import RequestContext
 
 log = logging.getLogger("mlserve.server")
 
@@ -31,7 +28,7 @@ def prompt_sha256(value: Any) -> str | None:
     return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _sampling(s: Sampling | None) -> dict[str, Any] | None:
+def sampling_record(s: Sampling | None) -> dict[str, Any] | None:
     if s is None:
         return None
     return {
@@ -45,27 +42,6 @@ def _sampling(s: Sampling | None) -> dict[str, Any] | None:
         "presence_penalty": s.presence_penalty,
         "seed": s.seed,
         "stop_count": len(s.stop),
-    }
-
-
-def record_of(ctx: RequestContext, status: int, latency: float) -> dict[str, Any]:
-    """The audit record of a settled request."""
-    m = ctx.model
-    return {
-        "event": "inference",
-        "request_id": ctx.id,
-        "key": ctx.key,
-        "client": ctx.client,
-        "route": ctx.path,
-        "model": m.name if m else None,
-        "version": m.version if m else None,
-        "digest": m.digest if m else None,
-        "sampling": _sampling(ctx.sampling),
-        "prompt_tokens": ctx.prompt_tokens,
-        "completion_tokens": ctx.completion_tokens,
-        "latency_s": round(latency, 6),
-        "status": status,
-        "prompt_sha256": ctx.prompt_sha256,
     }
 
 

@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlserve.engine.api import Sampling
 from mlserve.server import auth
-from mlserve.server.auditing import AuditWriter, record_of
+from mlserve.server.auditing import AuditWriter, sampling_record
 from mlserve.server.errors import Outcome, outcome_of
 from mlserve.server.registry import Matched, Registry
 
@@ -79,6 +79,27 @@ class RequestContext:
             model.in_flight += 1
             state.in_flight += 1
             state.metrics.in_flight.labels(model.id).inc()
+
+
+def record_of(ctx: RequestContext, status: int, latency: float) -> dict[str, Any]:
+    """The audit record of a settled request."""
+    m = ctx.model
+    return {
+        "event": "inference",
+        "request_id": ctx.id,
+        "key": ctx.key,
+        "client": ctx.client,
+        "route": ctx.path,
+        "model": m.name if m else None,
+        "version": m.version if m else None,
+        "digest": m.digest if m else None,
+        "sampling": sampling_record(ctx.sampling),
+        "prompt_tokens": ctx.prompt_tokens,
+        "completion_tokens": ctx.completion_tokens,
+        "latency_s": round(latency, 6),
+        "status": status,
+        "prompt_sha256": ctx.prompt_sha256,
+    }
 
 
 def context_of(request: Request) -> RequestContext:

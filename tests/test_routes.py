@@ -240,3 +240,47 @@ def test_errors_keep_openai_shape_and_headers(app: App) -> None:
     r = app.client.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 200 and r.headers["x-mlserve-model"] == "m:1"
     assert app.client.get("/nowhere").json()["error"]["message"] == "Not Found"
+
+
+def test_audit_append_does_not_block_the_event_loop(home: Path) -> None:
+    """flock and fsync of the audit log happen on the writer's thread, never on the event loop."""
+    import threading
+    import time
+
+    import httpx
+
+    from mlserve.security.audit import AuditLog
+
+    release = threading.Event()
+    original = AuditLog.append
+
+    def slow_append(self: AuditLog, event: dict[str, Any]) -> dict[str, Any]:
+        release.wait(5)  # a disk that stalls (NFS, a full fsync queue)
+        return original(self, event)
+
+    engine = FakeEngine("m:1")
+    asgi = _app(home, engine)
+
+    async def scenario() -> float:
+        await engine.start()  # ASGITransport runs no lifespan
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            first = await client.post("/v1/chat/completions", json=CHAT)  # its record is now stuck writing
+            assert first.status_code == 200
+            t0 = time.perf_counter()
+            second = await client.post("/v1/chat/completions", json=CHAT)
+            elapsed = time.perf_counter() - t0
+            assert second.status_code == 200
+            return elapsed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AuditLog, "append", slow_append)
+        try:
+            elapsed = asyncio.run(scenario())
+        finally:
+            release.set()
+    assert elapsed < 1.0, f"a request waited {elapsed:.2f} s behind a stalled audit write"
+    writer = asgi.user_middleware[0].kwargs["writer"]
+    writer.close()
+    records = [json.loads(line) for f in log_files(home / "audit") for line in f.read_text().splitlines()]
+    assert [r["status"] for r in records] == [200, 200]

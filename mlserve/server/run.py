@@ -104,6 +104,11 @@ def serve(app: Starlette, host: str, port: int, log_level: str = "info", tls: TL
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        # The same event loop and HTTP parser wherever mlserve runs: uvicorn would otherwise pick
+        # uvloop/httptools when some other package happened to install them, and disconnects,
+        # flushing and timing would differ from what the tests exercised.
+        loop="asyncio",
+        http="h11",
         **ssl_args,
     )
     # Bind before anything loads, so a taken port is a plain error, not a crash after warm-up.

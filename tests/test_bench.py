@@ -6,7 +6,9 @@ import json
 import os
 import re
 import statistics
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +248,119 @@ def test_bench_ref_dataset_and_offline(gemma_home: Path) -> None:
     assert set(tests) == {"pp32", "tg8"}
     for r in tests.values():
         assert len(r["samples_ts"]) == 2 and r["avg_ts"] > 0 and r["stddev_ts"] >= 0
+
+
+# -- bench --api: each surface's streaming endpoint -------------------------------------
+def test_api_decoders_read_each_protocol() -> None:
+    from mlserve.bench.apis import APIS
+
+    streams = {
+        "openai": [
+            b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}',
+            b'data: {"choices":[{"delta":{"content":"Hi"}}]}',
+            b'data: {"choices":[{"delta":{"content":" there"}}]}',
+            b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}',
+            b"data: [DONE]",
+        ],
+        "ollama": [
+            b'{"model":"m","message":{"role":"assistant","content":"Hi"},"done":false}',
+            b'{"model":"m","message":{"role":"assistant","content":" there"},"done":false}',
+            b'{"model":"m","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop",'
+            b'"prompt_eval_count":7,"eval_count":2}',
+        ],
+        "anthropic": [
+            b"event: message_start",
+            b'data: {"type":"message_start","message":{"content":[],"usage":{"input_tokens":7,"output_tokens":0}}}',
+            b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}',
+            b'data: {"type":"ping"}',
+            b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}',
+            b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" there"}}',
+            b'data: {"type":"content_block_stop","index":0}',
+            b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}',
+            b'data: {"type":"message_stop"}',
+        ],
+    }
+    for name, lines in streams.items():
+        decoder = APIS[name].decoder()
+        texts = [decoder.feed(line) for line in lines]
+        assert sum(texts) == 2, name
+        assert (decoder.done, decoder.error, decoder.prompt_tokens, decoder.output_tokens) == (True, None, 7, 2), name
+    errors = {
+        "openai": b'data: {"error":{"message":"boom","type":"server_error"}}',
+        "ollama": b'{"error":"boom"}',
+        "anthropic": b'data: {"type":"error","error":{"type":"overloaded_error","message":"boom"}}',
+    }
+    for name, line in errors.items():
+        decoder = APIS[name].decoder()
+        decoder.feed(line)
+        assert decoder.error == "boom" and not decoder.done, name
+
+
+@pytest.fixture(scope="module")
+def fake_mlserve() -> Iterator[str]:
+    """The real mlserve app (every surface) over a fake engine pacing tokens 2 ms apart, on uvicorn in a thread."""
+    import uvicorn
+
+    from mlserve.engine.fake import FakeEngine, FakeScript
+    from mlserve.server.app import create_app
+    from mlserve.server.state import ServedModel
+
+    engine = FakeEngine(
+        "m:1", FakeScript(reply="a b c d e f g h i j k l", token_delay=0.002, max_active=64, ctx_size=1 << 20)
+    )
+    app = create_app([ServedModel("m", "1", "sha256:" + "cd" * 32, engine)])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and engine.state == "ready"):
+        assert time.monotonic() < deadline and thread.is_alive(), "the in-thread server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.parametrize("api", ["openai", "ollama", "anthropic"])
+def test_bench_drives_each_api(cli: Cli, fake_mlserve: str, api: str) -> None:
+    for extra in ((), ("--dataset", DATASET)):  # raw prompts, then chat
+        res = cli("bench", fake_mlserve, "--api", api, "-n", "6", "-c", "3", "--output-len", "5", "--json", *extra)
+        assert res.exit_code == 0, res
+        doc = res.json()
+        assert doc["env"]["api"] == api and doc["model"] == "m"
+        (result,) = doc["results"]
+        _check_consistent(result)
+        assert (result["completed"], result["failed"]) == (6, 0), result.get("errors")
+        assert result["total_output_tokens"] == 30  # the protocol's own usage counts
+        assert result["total_input_tokens"] > 6 * 10
+        assert result["median_itl_ms"] >= 1.5  # every token timed as it streamed, 2 ms apart
+        assert result["mean_tpot_ms"] >= 1.5
+
+
+def test_bench_api_refusals(cli: Cli) -> None:
+    res = cli("bench", "some-bundle", "--offline", "--api", "ollama")
+    assert res.exit_code == 2 and "--api" in res.stderr
+    assert cli("bench", "http://127.0.0.1:9", "--api", "grpc").exit_code == 2
+    with serve_in_thread() as (url, opts):
+        opts.ready.set()
+        res = cli("bench", url, "-n", "2", "--json")  # the default stays openai
+        assert res.exit_code == 0 and res.json()["env"]["api"] == "openai"
+        res = cli("bench", url, "-n", "2", "--json", "--api", "ollama")  # an OpenAI-only server: 404s, all failed
+        assert res.exit_code == 1 and "HTTP 404" in res.stderr
+
+
+@pytest.mark.model
+def test_bench_api_ollama_real_model(gemma_home: Path) -> None:
+    env = {**os.environ, "MLSERVE_HOME": str(gemma_home)}
+    args = ("bench", "gemma3-270m", "--api", "ollama", "-n", "2", "--input-len", "24", "--output-len", "8", "--json")
+    proc = run_mlserve(*args, "--dataset", DATASET, "--warmup", "0", env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    (result,) = doc["results"]
+    assert doc["env"]["api"] == "ollama" and doc["env"]["bundle_digest"].startswith("sha256:")
+    assert (result["completed"], result["failed"]) == (2, 0), result.get("errors")
+    assert 0 < result["total_output_tokens"] <= 16 and result["total_input_tokens"] > 2 * 300
+    assert result["mean_ttft_ms"] > 0 and result["mean_e2el_ms"] >= result["mean_ttft_ms"]

@@ -172,8 +172,8 @@ def test_every_inference_route_refuses_a_metrics_key(home: Path) -> None:
                 r = client.request(method, path, json=CHAT, headers={"Authorization": f"Bearer {infer_key}"})
                 assert r.status_code not in (401, 403), (path, r.status_code, r.text)
         # Undeclared paths take any valid key, then 404; never an answer.
-        assert client.get("/api/chat", headers={"x-api-key": metrics_key}).status_code == 404
-        assert client.get("/api/chat").status_code == 401
+        assert client.get("/api/nowhere", headers={"x-api-key": metrics_key}).status_code == 404
+        assert client.get("/api/nowhere").status_code == 401
         assert client.get("/health/live").status_code == 200  # probes stay open
     assert all(s.scope in ("open", "infer", "metrics", "admin") for s in specs)
 

@@ -47,7 +47,7 @@ class LoadGenerator:
         self.url = url
 
     async def _one(self, body: bytes, on_result: OnResult | None) -> RequestResult:
-        result = await send(self.pool.pick(), self.url, body, self.pool.headers)
+        result = await send(self.pool.pick(), self.url, body, self.pool.headers, self.pool.api)
         if on_result is not None:
             on_result(result)
         return result

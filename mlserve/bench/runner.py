@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlserve.bench.apis import APIS
 from mlserve.bench.client import ClientPool
 from mlserve.bench.loadgen import Level, LoadGenerator, OnResult
 from mlserve.bench.metrics import summarize
@@ -27,6 +28,7 @@ class Plan:
     slo: dict[str, float] = field(default_factory=dict)
     timeout: float = 600.0
     api_key: str | None = None
+    api: str = "openai"  # the protocol the workload's bodies are written in (bench/apis.py)
 
     def connections(self) -> int:
         """Connections the pool needs: the largest concurrency (or every request, for an uncapped open loop)."""
@@ -44,9 +46,11 @@ class Hooks:
 
 
 def salted(body: bytes, salt: str) -> bytes:
-    """The body with ``salt`` put before its prompt (or first message), defeating prefix caches."""
+    """The body with ``salt`` put before its prompt (or system prompt, or first message), defeating prefix caches."""
     data = json.loads(body)
-    if isinstance(data.get("prompt"), str):
+    if isinstance(data.get("system"), str):  # Anthropic: the system prompt comes first in the context
+        data["system"] = salt + data["system"]
+    elif isinstance(data.get("prompt"), str):
         data["prompt"] = salt + data["prompt"]
     elif data.get("messages") and isinstance(data["messages"][0].get("content"), str):
         data["messages"][0]["content"] = salt + data["messages"][0]["content"]
@@ -56,7 +60,7 @@ def salted(body: bytes, salt: str) -> bytes:
 async def run_async(plan: Plan, hooks: Hooks | None = None) -> list[dict[str, Any]]:
     """Run every level of the plan; return one vLLM-style result dict per level."""
     hooks = hooks or Hooks()
-    pool = ClientPool(plan.connections(), plan.timeout, plan.api_key)
+    pool = ClientPool(plan.connections(), plan.timeout, plan.api_key, APIS[plan.api])
     gen = LoadGenerator(pool, plan.base_url + plan.workload.route)
     bodies = plan.workload.bodies
     out = []

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlserve.errors import InvalidInputError, NotFoundError
+from mlserve.bench.apis import APIS
+from mlserve.eval.dataset import read_dataset
 
 DEFAULT_SYSTEM = (
     "You are a clinical documentation assistant. Summarise the following doctor-patient conversation "
@@ -27,7 +28,7 @@ _WORDS = (
 class Workload:
     """Request bodies, ready to send, and the route they go to."""
 
-    route: str  # "/v1/completions" or "/v1/chat/completions"
+    route: str  # e.g. "/v1/completions", "/v1/chat/completions", "/api/chat", "/v1/messages"
     bodies: list[bytes]
     description: str
 
@@ -38,47 +39,27 @@ def synthetic_prompt(rng: random.Random, n_tokens: int, index: int) -> str:
     return " ".join(words)
 
 
-def _body(model: str, output_len: int, temperature: float | None, **payload: Any) -> bytes:
-    body: dict[str, Any] = {"model": model, **payload, "max_tokens": output_len, "stream": True}
-    body["stream_options"] = {"include_usage": True}
-    if temperature is not None:
-        body["temperature"] = temperature
+def _encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 def synthetic(
-    model: str, num_prompts: int, input_len: int, output_len: int, seed: int = 0, temperature: float | None = None
+    model: str,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    seed: int = 0,
+    temperature: float | None = None,
+    api: str = "openai",
 ) -> Workload:
-    """Completions requests with random-word prompts of roughly ``input_len`` tokens."""
+    """Raw-prompt requests (no chat template; Anthropic: one user turn) of roughly ``input_len`` tokens."""
+    proto = APIS[api]
     rng = random.Random(seed)
     bodies = [
-        _body(model, output_len, temperature, prompt=synthetic_prompt(rng, input_len, i)) for i in range(num_prompts)
+        _encode(proto.prompt_body(model, synthetic_prompt(rng, input_len, i), output_len, temperature))
+        for i in range(num_prompts)
     ]
-    return Workload("/v1/completions", bodies, f"synthetic ~{input_len} in / {output_len} out tokens")
-
-
-def read_dataset(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; each needs "dialogue", "prompt" or "messages"."""
-    if not path.is_file():
-        raise NotFoundError(f"Dataset {path} does not exist.", "Give a JSONL file with one JSON object per line.")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise InvalidInputError(f"{path} line {n} is not valid JSON.") from None
-            if not isinstance(row, dict) or not any(k in row for k in ("dialogue", "prompt", "messages")):
-                raise InvalidInputError(
-                    f"{path} line {n} has no 'dialogue', 'prompt' or 'messages' field.",
-                    "Each line must be a JSON object with one of those fields.",
-                )
-            rows.append(row)
-    if not rows:
-        raise InvalidInputError(f"Dataset {path} holds no rows.")
-    return rows
+    return Workload(proto.prompt_route, bodies, f"synthetic ~{input_len} in / {output_len} out tokens")
 
 
 def _messages(row: dict[str, Any], system: str) -> list[dict[str, str]]:
@@ -96,12 +77,14 @@ def dataset(
     output_len: int,
     system: str | None = None,
     temperature: float | None = None,
+    api: str = "openai",
 ) -> Workload:
     """Chat requests from a JSONL dataset, cycling through its rows; dialogues get a summarisation prompt."""
+    proto = APIS[api]
     rows = read_dataset(path)
     sys_prompt = system or DEFAULT_SYSTEM
     bodies = [
-        _body(model, output_len, temperature, messages=_messages(rows[i % len(rows)], sys_prompt))
+        _encode(proto.chat_body(model, _messages(rows[i % len(rows)], sys_prompt), output_len, temperature))
         for i in range(num_prompts)
     ]
-    return Workload("/v1/chat/completions", bodies, f"{path.name} ({len(rows)} rows), {output_len} out tokens max")
+    return Workload(proto.chat_route, bodies, f"{path.name} ({len(rows)} rows), {output_len} out tokens max")

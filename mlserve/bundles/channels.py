@@ -33,7 +33,8 @@ from mlserve.names import check_channel, check_name
 from mlserve.security import audit
 
 log = logging.getLogger("mlserve.channels")
-Gate = Callable[[Bundle], None]
+# A gate refuses by raising CheckFailed; what it checked (a dict) goes into the history entry and audit record.
+Gate = Callable[[Bundle], "dict[str, Any] | None"]
 
 
 def _now() -> str:
@@ -156,15 +157,21 @@ def promote(
     if canary is not None and not 0 < canary < 100:
         raise UsageError(f"--canary {canary:g} is out of range.", "Give a percentage above 0 and below 100.")
     bundle = store.resolve(ref)
+    checks: dict[str, Any] = {}
     for gate in gates:
-        gate(bundle)
+        try:
+            checks.update(gate(bundle) or {})
+        except CheckFailed as exc:
+            _audit_refusal(store, bundle, channel, reason, exc, checks)
+            raise
+    extra = {"gates": checks} if checks else {}
     with store.lock():
         _repair(store, bundle.name)
         if store.get(bundle.name, bundle.version) is None:
             raise NotFoundError(f"{bundle.ref} was removed while its checks ran.", "Pack or pull it again.")
         old = store.channel_pointer(bundle.name, channel)
         if canary is not None:
-            return _promote_canary(store, bundle, channel, old, canary, reason)
+            return _promote_canary(store, bundle, channel, old, canary, reason, extra)
         body: dict[str, Any] = _target(bundle)
         moved = old is not None and old["version"] != bundle.version
         previous = _target_of(old) if moved else (old or {}).get("previous")
@@ -172,8 +179,29 @@ def promote(
             body["previous"] = previous
         was_canary = isinstance((old or {}).get("canary"), dict) and old["canary"]["version"] == bundle.version  # type: ignore[index]
         action = "promote-canary" if was_canary else "promote"
-        entry = _entry(bundle.name, channel, action, old, body, reason)
+        entry = _entry(bundle.name, channel, action, old, body, reason, **extra)
         return _commit(store, bundle.name, channel, body, entry)
+
+
+def _audit_refusal(
+    store: Store, bundle: Bundle, channel: str, reason: str | None, exc: CheckFailed, checks: dict[str, Any]
+) -> None:
+    """Record a promotion a gate refused (the channel did not move) in the audit log, best effort."""
+    record = getattr(exc, "record", None)  # what the refusing gate checked, when it says
+    entry = {
+        "event": "channel.promote-refused",
+        "actor": config.current_user(),
+        "name": bundle.name,
+        "channel": channel,
+        "to": _target(bundle),
+        "reason": reason,
+        "refusal": exc.message,
+        "gates": {**checks, **(record if isinstance(record, dict) else {})},
+    }
+    try:
+        audit.append(entry, home=store.root)
+    except Exception as err:  # the refusal stands whatever the audit log does
+        log.warning("could not write the audit record of a refused promotion of %s: %s", bundle.ref, err)
 
 
 def _target_of(pointer: dict[str, Any] | None) -> dict[str, str] | None:
@@ -181,7 +209,13 @@ def _target_of(pointer: dict[str, Any] | None) -> dict[str, str] | None:
 
 
 def _promote_canary(
-    store: Store, bundle: Bundle, channel: str, old: dict[str, Any] | None, percent: float, reason: str | None
+    store: Store,
+    bundle: Bundle,
+    channel: str,
+    old: dict[str, Any] | None,
+    percent: float,
+    reason: str | None,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     if old is None:
         raise UsageError(
@@ -193,7 +227,8 @@ def _promote_canary(
     body = {k: v for k, v in old.items() if k in ("version", "digest", "previous")}
     body["canary"] = {**_target(bundle), "percent": int(percent) if float(percent).is_integer() else percent}
     before = old.get("canary") or old
-    entry = _entry(bundle.name, channel, "canary", before, _target(bundle), reason, percent=body["canary"]["percent"])
+    percent_ = body["canary"]["percent"]
+    entry = _entry(bundle.name, channel, "canary", before, _target(bundle), reason, percent=percent_, **extra)
     return _commit(store, bundle.name, channel, body, entry)
 
 

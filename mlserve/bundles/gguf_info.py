@@ -209,3 +209,23 @@ def inspect(path: Path) -> GGUFFacts:
         raise GGUFError(f"{path} is a directory, not a GGUF file.") from exc
     except OSError as exc:
         raise GGUFError(f"{path} cannot be read: {exc.strerror}.") from exc
+
+
+def metadata(path: Path) -> dict[str, Any]:
+    """Every scalar and string metadata value of a valid GGUF (arrays left out; validated first)."""
+    inspect(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        reader = _Reader(fh, size)
+        fh.seek(4)
+        reader.unpack("<I")  # version
+        reader.unpack("<Q")  # tensor count
+        n_kv = reader.unpack("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = reader.string() or ""
+            vtype = reader.unpack("<I")
+            value = reader.value(vtype)
+            if vtype != GGUFValueType.ARRAY:  # an array is read as its length: not a value
+                meta[key] = value
+    return meta

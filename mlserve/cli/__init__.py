@@ -6,7 +6,9 @@ from mlserve.cli import (
     audit_cmd,  # noqa: F401
     bench_cmd,  # noqa: F401
     channel_cmds,  # noqa: F401
+    deploy_cmd,  # noqa: F401
     doctor_cmd,  # noqa: F401
+    eval_cmd,  # noqa: F401
     health_cmd,  # noqa: F401
     keys_cmd,  # noqa: F401
     pull_cmd,  # noqa: F401

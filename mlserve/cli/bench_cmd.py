@@ -1,4 +1,4 @@
-"""``mlserve bench``: load-test an OpenAI-compatible server or a stored bundle; ``--offline`` benches the engine."""
+"""``mlserve bench``: load-test a server (OpenAI, Ollama or Anthropic API) or a bundle; ``--offline``: the engine."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mlserve.bench import report
+from mlserve.bench.apis import APIS
 from mlserve.bench.client import list_models
 from mlserve.bench.loadgen import Level
 from mlserve.bench.local_server import LocalServer
@@ -38,6 +40,14 @@ SLO_HELP = (
     "(itl_ms: its largest gap); request_goodput = good requests/s. The SLO is missed, and bench exits 1, when any "
     "level has a failed request or a p99 above its bound."
 )
+
+
+class BenchApi(str, Enum):
+    """The protocol bench drives (each surface's streaming endpoint)."""
+
+    openai = "openai"
+    ollama = "ollama"
+    anthropic = "anthropic"
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -134,15 +144,23 @@ def _ref_env(bundle: Bundle, threads: Optional[int], gpu_layers: Optional[int]) 
 def _workload(model: str, opts: dict[str, Any], bundle: Bundle | None) -> Workload:
     if opts["dataset"] is None:
         return synthetic(
-            model, opts["num_prompts"], opts["input_len"], opts["output_len"], opts["seed"], opts["temperature"]
+            model,
+            opts["num_prompts"],
+            opts["input_len"],
+            opts["output_len"],
+            opts["seed"],
+            opts["temperature"],
+            opts["api"],
         )
     prompts = bundle.manifest.get("serving", {}).get("prompts", {}) if bundle else {}
     system = (prompts.get(TASK) or {}).get("system")
-    return dataset(model, opts["dataset"], opts["num_prompts"], opts["output_len"], system, opts["temperature"])
+    return dataset(
+        model, opts["dataset"], opts["num_prompts"], opts["output_len"], system, opts["temperature"], opts["api"]
+    )
 
 
 def _bench_url(url: str, bundle: Bundle | None, env: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    models = asyncio.run(list_models(url, opts["api_key"]))
+    models = asyncio.run(list_models(url, opts["api_key"], api=APIS[opts["api"]]))
     model = opts["model"] or (bundle.ref if bundle else None) or (models[0]["id"] if models else None)
     if not model:
         raise UsageError(f"{url}/v1/models lists no models.", "Pass --model NAME.")
@@ -160,6 +178,7 @@ def _bench_url(url: str, bundle: Bundle | None, env: dict[str, Any], opts: dict[
         slo=opts["slo"],
         timeout=opts["timeout"],
         api_key=opts["api_key"],
+        api=opts["api"],
     )
     with _progress(True) as hooks:
         results = run(plan, hooks)
@@ -214,7 +233,15 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and arrivals."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0, help="Sent when given."),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="Per-request timeout, seconds."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLSERVE_API_KEY", help="Bearer key."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="MLSERVE_API_KEY", help="API key (Bearer; x-api-key with --api anthropic)."
+    ),
+    api: BenchApi = typer.Option(
+        BenchApi.openai,
+        "--api",
+        case_sensitive=False,
+        help="Protocol to drive: openai (SSE), ollama (/api/chat, /api/generate; NDJSON), anthropic (/v1/messages).",
+    ),
     parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="REF target: serve --parallel."),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", min=16, help="REF target: serve --ctx-size."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="REF target: serve/offline threads."),
@@ -233,6 +260,8 @@ def bench(
     target, slo_map = _split_args(args, slo)
     is_url = bool(_URL.match(target))
     if offline:
+        if api is not BenchApi.openai:
+            raise UsageError("--api chooses the HTTP protocol; --offline benches the engine without HTTP.")
         if is_url:
             raise UsageError("--offline benches a stored bundle's engine, not a URL.", "Give a REF, e.g. gemma3-270m.")
         doc = _offline(Store().resolve(target), threads, gpu_layers, (n_prompt, n_gen, repetitions, seed))
@@ -254,8 +283,9 @@ def bench(
         "timeout": timeout,
         "api_key": api_key,
         "burstiness": burstiness,
+        "api": api.value,
     }
-    env: dict[str, Any] = machine()
+    env: dict[str, Any] = {**machine(), "api": api.value}
     if is_url:
         env.update({"server": "remote", "threads": None, "llama_cpp": None, "gpu_offload": None})
         doc = _bench_url(target.rstrip("/"), None, env, opts)

@@ -61,15 +61,33 @@ def promote(
         help="A `mlserve bench --output` file that measured this very bundle (its env.bundle_digest) and meets --slo.",
     ),
     slo: list[str] = typer.Option([], "--slo", help="KEY=MS bound on each result's p99, e.g. ttft_ms=500."),
+    require_eval: Optional[str] = typer.Option(
+        None,
+        "--require-eval",
+        help="An `mlserve eval` file that scored this very bundle, or `latest` (its newest stored eval).",
+    ),
+    minimum: list[str] = typer.Option([], "--min", help="KEY=X lower bound on an eval score, e.g. rougeL=0.20."),
+    max_drop: list[str] = typer.Option(
+        [], "--max-drop", help="KEY=X: refuse a drop of more than X below the eval of the version the channel holds."
+    ),
+    eval_dataset: Optional[Path] = typer.Option(
+        None, "--eval-dataset", help="The eval must have run on this JSONL file (its sha256)."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Point a channel at a version (exit 1 and no change when a gate refuses)."""
     from mlserve.bench.metrics import parse_slo
+    from mlserve.eval.gate import eval_gate, parse_bounds
 
     if slo and require_bench is None:
         raise UsageError("--slo needs --require-bench FILE.json to check against.")
+    if (minimum or max_drop or eval_dataset) and require_eval is None:
+        raise UsageError("--min, --max-drop and --eval-dataset need --require-eval FILE|latest.")
     store = Store()
     gates: list[channels.Gate] = []
+    if require_eval is not None:
+        bounds, drops = parse_bounds(minimum, "--min"), parse_bounds(max_drop, "--max-drop")
+        gates.append(eval_gate(store, require_eval, to, bounds, drops, eval_dataset))
     if require_bench is not None:
         gates.append(channels.bench_gate(require_bench, parse_slo(slo)))
     if check:
@@ -79,6 +97,11 @@ def promote(
         emit_json(entry)
     else:
         info(_describe(entry))
+        gate = entry.get("gates", {}).get("eval")
+        if gate:
+            keys = list(dict.fromkeys([*gate["min"], *gate["max_drop"]])) or ["rougeL"]
+            scores = ", ".join(f"{k} {gate['scores'][k]:.4f}" for k in keys if k in gate["scores"])
+            info(f"eval gate passed: {scores} ({gate['file']})")
 
 
 @app.command()
@@ -127,3 +150,14 @@ def history(
             e.get("reason") or "",
         )
     _print_table(table)
+    _latest_evals(store, name, [e["to"]["version"] for e in entries])
+
+
+def _latest_evals(store: Store, name: str, versions: list[str]) -> None:
+    """A line per version the history names: its newest stored eval."""
+    from mlserve.eval import results
+
+    for version in dict.fromkeys(reversed(versions)):
+        found = results.latest(store, name, version)
+        if found is not None:
+            info(f"latest eval of {name}:{version}: {results.one_line(found[1])}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from enum import Enum
 from typing import Any, Optional
 
@@ -43,6 +44,10 @@ def _served(store: Store, bundle: Bundle, overrides: Any) -> Any:
         defaults=dict(serving.get("defaults", {})),
         stop=config.stop,
         created=created,
+        size=sum(int(f.get("size", 0)) for f in bundle.manifest["files"] if f.get("role", "model") == "model"),
+        gguf=dict(bundle.manifest.get("gguf", {})),
+        ctx_size=config.ctx_size,
+        embeddings=config.embeddings,
     )
 
 
@@ -60,7 +65,14 @@ def _follow_plan(store: Store, refs: list[str], models: list[Any], overrides: An
 def serve(
     refs: list[str] = typer.Argument(..., help="Bundles to serve: NAME, NAME:VERSION, NAME@CHANNEL or sha256:HEX."),
     host: str = typer.Option("127.0.0.1", "--host", envvar="MLSERVE_HOST", help="Address to bind."),
-    port: int = typer.Option(8000, "--port", envvar="MLSERVE_PORT", help="Port (0 picks a free one)."),
+    port: Optional[int] = typer.Option(
+        None,
+        "--port",
+        envvar="MLSERVE_PORT",
+        min=0,
+        max=65535,
+        help="Port (0 picks a free one; default: AIP_HTTP_PORT when Vertex AI sets it, else 8000).",
+    ),
     parallel: Optional[int] = typer.Option(
         None, "--parallel", min=1, max=256, help="Sequences decoded together (default: the recipe's, else 8)."
     ),
@@ -109,11 +121,38 @@ def serve(
         "--parse-special",
         help="Parse special tokens inside message text, as llama-server does (lets a user message fake turns).",
     ),
+    embeddings: bool = typer.Option(
+        False,
+        "--embeddings",
+        envvar="MLSERVE_EMBEDDINGS",
+        help="Also answer embeddings requests (/v1/embeddings, /api/embed): a second context on the same weights.",
+    ),
+    embeddings_ctx: Optional[int] = typer.Option(
+        None,
+        "--embeddings-ctx",
+        min=16,
+        max=1 << 20,
+        help="Longest embeddings input, in tokens (default 512); memory grows with it (~1 MiB a token for Gemma).",
+    ),
+    route_prefix: Optional[str] = typer.Option(
+        None,
+        "--route-prefix",
+        envvar="MLSERVE_ROUTE_PREFIX",
+        help="Also serve the OpenAI routes under this prefix, e.g. /openai for KServe (/openai/v1/...).",
+    ),
     log_level: LogLevel = typer.Option(
         LogLevel.info, "--log-level", envvar="MLSERVE_LOG_LEVEL", case_sensitive=False, help="Server log level."
     ),
 ) -> None:
     """Serve bundles over an OpenAI-compatible HTTP API (loopback only by default)."""
+    from mlserve.server.registry import check_prefix
+    from mlserve.server.surfaces.vertex import vertex_env
+
+    vertex = vertex_env(os.environ)  # Vertex AI custom containers: AIP_HTTP_PORT, AIP_PREDICT/HEALTH_ROUTE
+    port = port if port is not None else vertex.port if vertex.port is not None else 8000
+    if vertex.port is not None and serve_security.is_loopback(host):
+        info("AIP_HTTP_PORT is set but --host is loopback: Vertex AI reaches the container on 0.0.0.0.")
+    prefix = check_prefix(route_prefix) if route_prefix else None
     tls = serve_security.load_tls(tls_cert, tls_key, tls_client_ca)
     serve_security.check_exposure(host, insecure, tls is not None)
     logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -138,6 +177,8 @@ def serve(
         gpu_layers=gpu_layers,
         max_queue=max_queue,
         parse_special_content=parse_special,
+        embeddings=embeddings,
+        embeddings_ctx=embeddings_ctx,
     )
     models = [_served(store, b, overrides) for b in bundles]
     follow = _follow_plan(store, refs, models, overrides)
@@ -150,6 +191,9 @@ def serve(
         audit_dir=str(audit_dir()),
         rate_limit=rate_limit,
         log_content=log_content,
+        route_prefix=prefix,
+        vertex_predict_route=vertex.predict_route,
+        vertex_health_route=vertex.health_route,
     )
     info(f"serving {', '.join(b.ref for b in bundles)}")
     run_server(create_app(models, settings, follow), host, port, log_level.value, tls=tls)

@@ -25,6 +25,13 @@ def _summary(bundle: Bundle, store: Store) -> dict[str, Any]:
     return {**bundle.describe(), "channels": store.channels_of(bundle)}
 
 
+def _latest_eval(bundle: Bundle, store: Store) -> dict[str, Any] | None:
+    from mlserve.eval import results
+
+    found = results.latest(store, bundle.name, bundle.version, lambda d: d.get("digest") == bundle.digest)
+    return results.summary(*found) if found is not None else None
+
+
 def _print_table(table: Table) -> None:
     """A table on stdout; piped, at its natural width so scripts never see cropped digests."""
     console = Console(highlight=False)
@@ -104,7 +111,7 @@ def show(
     """Show one bundle's manifest, channels and GGUF facts."""
     store = Store()
     bundle = store.resolve(ref)
-    summary = _summary(bundle, store)
+    summary = {**_summary(bundle, store), "eval": _latest_eval(bundle, store)}
     if as_json:
         emit_json(summary)
         return
@@ -126,6 +133,11 @@ def show(
     ]
     for f in m["files"]:
         rows.append((f"file {f['name']}", f"{human_size(f['size'])} sha256:{f['sha256']}"))
+    ev = summary["eval"]
+    if ev is not None:
+        s = ev["scores"]
+        scores = " ".join(f"{k} {s[k]:.3f}" for k in ("rouge1", "rouge2", "rougeL") if k in s)
+        rows.append(("latest eval", f"{scores} sections {s.get('section_coverage', 0):.2f} ({ev['file']})"))
     table = Table(show_header=False, box=None)
     for k, v in rows:
         table.add_row(k, v)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from mlserve.errors import MlserveError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # tokens per llama_decode, for the histogram
+EMBED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # inputs per embeddings llama_decode, for the histogram
 
 
 class RequestError(MlserveError):
@@ -71,6 +72,8 @@ class Sampling:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # GBNF text (from ``Engine.schema_grammar``): every sampled token must keep the output inside it.
+    grammar: str | None = None
 
 
 @dataclass
@@ -82,6 +85,9 @@ class GenerationRequest:
     sampling: Sampling
     max_tokens_explicit: bool = True
     deadline: float | None = None  # time.monotonic() value
+    # Decoded alone: no other sequence in its llama_decode calls, no prefix reuse, fixed prompt
+    # chunks, so the same greedy (or seeded) request gives the same bytes under any load.
+    deterministic: bool = False
     submitted_at: float = 0.0  # set by the engine when queued
     admitted_at: float = 0.0  # set by the scheduler when it gets a sequence slot
 
@@ -102,6 +108,7 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     text: str = ""  # final flush of held-back text
+    stop: str | None = None  # the stop string that ended it (None: an end-of-generation token, or "length")
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,11 @@ class StepStats:
     prefix_tokens_reused: int = 0
     decode_retries: int = 0  # llama_decode calls retried with a smaller batch (no KV slot)
     sequences_failed: int = 0  # sequences failed by a llama_decode error while the engine lived on
+    # Embeddings (``serve --embeddings``), written by the embeddings thread: llama_decode calls, the
+    # inputs they held, and embed_hist[i]: calls with at most EMBED_BUCKETS[i] inputs (last slot: more).
+    embed_decodes: int = 0
+    embed_inputs: int = 0
+    embed_hist: list[int] = field(default_factory=lambda: [0] * (len(EMBED_BUCKETS) + 1))
 
 
 @dataclass
@@ -171,6 +183,16 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream events for one request; raise RequestError before the first event when refused."""
+
+    async def schema_grammar(self, schema: dict[str, Any]) -> str:
+        """The grammar (``Sampling.grammar``) that enforces a JSON Schema; InvalidRequest naming what it cannot."""
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalised vectors for ``texts`` (decoded together) and their total tokens.
+
+        InvalidRequest when the model is not served with embeddings; ContextOverflow for an input
+        longer than the embeddings context (never cut).
+        """
 
     def abort(self, request_id: str) -> None:
         """Stop a request's generation and free its state."""

@@ -2,6 +2,8 @@
 
 It tokenises UTF-8 bytes (one token per byte, plus BOS), renders chat messages as
 ``role: content`` lines, and answers every request with a scripted reply, one word per token.
+A JSON Schema is checked by the real ``check_schema`` (the grammar is its plain form as text);
+embeddings are hashed byte-bigram counts, L2-normalised, all of a request's inputs in one "decode".
 Knobs make it slow, fail mid-stream with an error event, raise an unexpected exception, die,
 or never become ready, so every path the server must settle can be driven without llama.cpp.
 """
@@ -9,12 +11,17 @@ or never become ready, so every path the server must settle can be driven withou
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
+import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from mlserve.engine.api import (
+    EMBED_BUCKETS,
     ContextOverflow,
     EngineHealth,
     ErrorEvent,
@@ -28,6 +35,7 @@ from mlserve.engine.api import (
     TokenEvent,
     Unavailable,
 )
+from mlserve.engine.schema import check_schema
 from mlserve.errors import EngineError
 
 BOS = 256
@@ -45,6 +53,9 @@ class FakeScript:
     start_gate: asyncio.Event | None = None  # start() waits for it (a slow load a test can hold open)
     max_active: int = 8  # sequences at once; beyond that, Overloaded
     ctx_size: int = 4096
+    embeddings: bool = True  # served with --embeddings
+    embed_ctx: int = 512  # longest embeddings input, tokens
+    embed_dim: int = 64
 
 
 class FakeEngine:
@@ -117,11 +128,11 @@ class FakeEngine:
                     raise RuntimeError("scripted bug")
                 sent += 1
                 text += word
-                hit = next((text.find(stop) for stop in request.sampling.stop if stop in text), -1)
-                if hit >= 0:
-                    yield FinishEvent(
-                        "stop", len(request.prompt_tokens), sent, word[: max(0, len(word) - (len(text) - hit))]
-                    )
+                found = next((stop for stop in request.sampling.stop if stop in text), None)
+                if found is not None:
+                    hit = text.find(found)
+                    cut = word[: max(0, len(word) - (len(text) - hit))]
+                    yield FinishEvent("stop", len(request.prompt_tokens), sent, cut, found)
                     return
                 if sent >= request.sampling.max_tokens:
                     yield FinishEvent("length", len(request.prompt_tokens), sent, word)
@@ -132,6 +143,36 @@ class FakeEngine:
                 yield TokenEvent(word, 1)
         finally:
             self._stats.active -= 1
+
+    async def schema_grammar(self, schema: dict[str, Any]) -> str:
+        """The checked schema's plain form as the "grammar" (InvalidRequest as the real engine refuses)."""
+        return "fake-grammar " + json.dumps(check_schema(schema), sort_keys=True)
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Deterministic unit vectors (hashed byte bigrams): texts sharing words are close."""
+        s = self.script
+        if not s.embeddings:
+            raise InvalidRequest(f"Model {self.model_id} is not served with embeddings; start with --embeddings.")
+        if self.state != "ready":
+            raise Unavailable(f"Model {self.model_id} is not ready ({self.state}).")
+        vectors, total = [], 0
+        for i, text in enumerate(texts):
+            tokens = await self.tokenize(text)
+            if len(tokens) > s.embed_ctx:
+                limit = s.embed_ctx
+                raise ContextOverflow(f"Input {i} has {len(tokens)} tokens; the embeddings context holds {limit}.")
+            total += len(tokens)
+            vec = [0.0] * s.embed_dim
+            data = text.lower().encode("utf-8")
+            for a, b in zip(data, data[1:], strict=False):
+                vec[hashlib.blake2s(bytes((a, b)), digest_size=2).digest()[0] % s.embed_dim] += 1.0
+            norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+            vectors.append([x / norm for x in vec])
+        st = self._stats
+        st.embed_decodes += 1
+        st.embed_inputs += len(texts)
+        st.embed_hist[bisect.bisect_left(EMBED_BUCKETS, len(texts))] += 1
+        return vectors, total
 
     def abort(self, request_id: str) -> None:
         """Note the abort; the generator stops before its next token."""

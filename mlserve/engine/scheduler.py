@@ -12,6 +12,12 @@ that prefix and decodes only the rest. On sliding-window models (Gemma 3) cells 
 than the window are gone once a sequence runs past it; ``seq_pos_min`` tells whether the
 prefix is still whole, and if not the slot is cleared and the prompt decoded in full.
 
+Deterministic requests never share a decode call: each step decodes the others' batch, then
+each deterministic sequence alone (prompt in fixed ``n_batch`` chunks, then a token per step),
+so the others keep going. Its slot is cleared (no prefix reuse; cells placed from the start of
+its own KV stream, not ``kv_unified``), and a decode error fails it rather than retry in other
+chunks: its inputs to llama.cpp, and so its bytes, are those of an idle server.
+
 Decode errors: "no KV slot" (rc 1) is retried with a smaller batch, down to one sequence,
 which alone then fails; any other code fails the sequences in that batch. The engine dies
 only when the model raises something else, or decodes keep failing (``FATAL_AFTER``).
@@ -247,7 +253,10 @@ class Scheduler:
         shared = {slot: _common_prefix(self._cached.get(slot, []), prompt) for slot in self._free}
         # Longest shared prefix first; on a tie, a slot with nothing cached, so other caches live on.
         slot = max(self._free, key=lambda s: (shared[s], s not in self._cached, -s))
-        if shared[slot] < MIN_REUSE:
+        if seq.req.deterministic:  # no reuse; a high id keeps the batched ones dense below it
+            slot = max(self._free, key=lambda s: (s not in self._cached, s))
+            shared[slot] = 0
+        elif shared[slot] < MIN_REUSE:
             # Nothing worth reusing: take the lowest free slot, so active sequence ids stay
             # dense (llama.cpp's per-sequence KV streams batch only consecutive ids together).
             slot = min(self._free)
@@ -270,12 +279,40 @@ class Scheduler:
     # -- decoding ---------------------------------------------------------------------
     def _decode_step(self, out: Out) -> None:
         self._active.sort(key=_slot_of)  # ascending sequence ids: one ubatch, not several
-        gen = [s for s in self._active if s.prefilled == len(s.req.prompt_tokens)]
+        alone = [s for s in self._active if s.req.deterministic]
+        gen = [s for s in self._active if s.prefilled == len(s.req.prompt_tokens) and not s.req.deterministic]
         n = self.model.n_batch
         while len(gen) > n:  # more sequences than one batch holds (parallel > batch): several calls
             self._decode(gen[:n], 0, out)
             gen = gen[n:]
         self._decode(gen, min(self._prefill_cap, n - len(gen)), out)
+        for seq in alone:
+            self._decode_alone(seq, out)
+
+    def _decode_alone(self, seq: _Seq, out: Out) -> None:
+        """One call for a deterministic sequence only: its next prompt chunk of n_batch tokens, or its next token."""
+        prompt, start = seq.req.prompt_tokens, seq.prefilled
+        tokens = prompt[start : start + self.model.n_batch] if start < len(prompt) else [seq.last]
+        pos = list(range(seq.n_past, seq.n_past + len(tokens)))
+        sample = start + len(tokens) >= len(prompt)
+        try:
+            self.model.decode(tokens, pos, [seq.slot] * len(tokens), [False] * (len(tokens) - 1) + [sample])
+        except DecodeError as exc:
+            if exc.rc != NO_KV_SLOT:
+                self._failures_in_row += 1
+                if self._failures_in_row >= FATAL_AFTER:
+                    raise
+            why = GenerationFailed(f"The model could not decode this request: {exc.message}")
+            self._fail(seq, why, out, broken=True)  # retrying in smaller chunks would change its bytes
+            return
+        self._failures_in_row = 0
+        self._count_step(len(tokens))
+        seq.n_past += len(tokens)
+        seq.prefilled = min(len(prompt), start + len(tokens))
+        if sample:
+            if seq.sampler is None:
+                seq.sampler = self.model.new_sampler(seq.req.sampling)
+            self._on_token(seq, self.model.sample(seq.sampler, len(tokens) - 1), out)
 
     def _decode(self, gen: list[_Seq], budget: int, out: Out) -> None:
         """Decode ``gen``'s next tokens plus up to ``budget`` prompt tokens; sample what completes."""
@@ -287,7 +324,7 @@ class Scheduler:
         chunks: list[tuple[_Seq, int]] = []
         for seq in self._active:
             remaining = len(seq.req.prompt_tokens) - seq.prefilled
-            if remaining <= 0 or budget <= 0:
+            if remaining <= 0 or budget <= 0 or seq.req.deterministic:
                 continue
             take = min(budget, remaining)
             start = seq.prefilled
@@ -309,11 +346,7 @@ class Scheduler:
             return
         self._failures_in_row = 0
         self._prefill_cap = min(self.model.n_batch, self._prefill_cap * 2)
-        st = self.stats
-        st.steps += 1
-        st.last_batch_tokens = len(tokens)
-        st.batch_tokens_total += len(tokens)
-        st.batch_hist[bisect.bisect_left(BATCH_BUCKETS, len(tokens))] += 1
+        self._count_step(len(tokens))
         for seq, take in chunks:
             seq.prefilled += take
             seq.n_past += take
@@ -324,6 +357,13 @@ class Scheduler:
             if seq.sampler is None:
                 seq.sampler = m.new_sampler(seq.req.sampling)
             self._on_token(seq, m.sample(seq.sampler, index), out)
+
+    def _count_step(self, n_tokens: int) -> None:
+        st = self.stats
+        st.steps += 1
+        st.last_batch_tokens = n_tokens
+        st.batch_tokens_total += n_tokens
+        st.batch_hist[bisect.bisect_left(BATCH_BUCKETS, n_tokens)] += 1
 
     def _on_decode_error(self, exc: DecodeError, gen: list[_Seq], chunks: list[tuple[_Seq, int]], out: Out) -> None:
         # Forget any cells the failed call left behind, so a retry starts from known positions.
@@ -368,7 +408,7 @@ class Scheduler:
             out.append((seq.sink, TokenEvent(text, 1)))
 
     def _finish(self, seq: _Seq, reason: str, out: Out, tail: str) -> None:
-        out.append((seq.sink, FinishEvent(reason, len(seq.req.prompt_tokens), seq.generated, tail)))
+        out.append((seq.sink, FinishEvent(reason, len(seq.req.prompt_tokens), seq.generated, tail, seq.text.hit)))
         self._release(seq, keep_cells=True)
 
     def _fail(self, seq: _Seq, error: RequestError, out: Out, *, broken: bool = False) -> None:

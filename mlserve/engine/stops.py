@@ -28,12 +28,13 @@ def stop_split(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
 class TextOut:
     """One sequence's text assembly: bytes in, releasable text out."""
 
-    __slots__ = ("_utf8", "_held", "_stops")
+    __slots__ = ("_utf8", "_held", "_stops", "hit")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._held = ""
         self._stops = tuple(s for s in stops if s)
+        self.hit: str | None = None  # the stop string found, once one is
 
     def push(self, piece: bytes) -> tuple[str, bool]:
         """Add a token's bytes; return (text to release now, whether a stop string was hit).
@@ -43,7 +44,10 @@ class TextOut:
         text = self._utf8.decode(piece)
         if not self._stops:
             return text, False
-        emit, self._held, hit = stop_split(self._held + text, self._stops)
+        held = self._held + text
+        emit, self._held, hit = stop_split(held, self._stops)
+        if hit:  # the one that cut the text: the earliest, as stop_split cuts at the earliest
+            self.hit = min((s for s in self._stops if s in held), key=held.find)
         return emit, hit
 
     def flush(self) -> str:

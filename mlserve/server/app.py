@@ -27,7 +27,7 @@ from mlserve.server.registry import Registry
 from mlserve.server.service import InferenceService
 from mlserve.server.settings import ServerSettings
 from mlserve.server.state import ServedModel, ServerState
-from mlserve.server.surfaces import FALLBACK, SURFACES
+from mlserve.server.surfaces import FALLBACK, surfaces_for
 
 log = logging.getLogger("mlserve.server")
 
@@ -45,7 +45,9 @@ def create_app(
     guard = build_guard(settings)
     state = ServerState(models, settings, guard)
     followers = Followers(state, follow) if follow is not None else None
-    registry = Registry(SURFACES, FALLBACK)
+    # --route-prefix mounts the OpenAI routes again (KServe's /openai/v1/...); the plain ones stay.
+    mounts = [(settings.route_prefix, "openai")] if settings.route_prefix else []
+    registry = Registry(surfaces_for(settings), FALLBACK, mounts)
     writer = AuditWriter(guard.audit) if guard.audit is not None else None
 
     @asynccontextmanager

@@ -64,6 +64,8 @@ class RequestContext:
     finished: bool = False
     outcome: Outcome | None = None  # an error decided after the response began (mid-stream)
     completion: list[str] | None = None  # text, kept only under ``serve --log-content``
+    deterministic: bool = False  # the client asked to be decoded alone (replayable)
+    output_hash: Any = None  # hashlib.sha256 of the text sent so far, from the first event on
     http_status: int | None = None
 
     @property
@@ -99,6 +101,11 @@ def record_of(ctx: RequestContext, status: int, latency: float) -> dict[str, Any
         "latency_s": round(latency, 6),
         "status": status,
         "prompt_sha256": ctx.prompt_sha256,
+        "deterministic": ctx.deterministic,
+        # A schema grammar shaped the output: the schema is client text, so only the fact is kept.
+        "constrained": getattr(ctx.sampling, "grammar", None) is not None,
+        # Of the text the client was sent (all of it when status is 200); null when no generation began.
+        "output_sha256": ctx.output_hash.hexdigest() if ctx.output_hash is not None else None,
     }
 
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mlserve.engine.api import BATCH_BUCKETS, StepStats
+from mlserve.engine.api import BATCH_BUCKETS, EMBED_BUCKETS, StepStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -39,7 +39,13 @@ class _EngineCollector(Collector):
             "Tokens per llama_decode step (decode tokens plus prompt chunks)",
             labels=["model"],
         )
+        embed = HistogramMetricFamily(
+            "mlserve_embedding_batch_inputs",
+            "Inputs per embeddings llama_decode (count: embeddings decode calls)",
+            labels=["model"],
+        )
         for model, st in self._stats():
+            embed.add_metric([model], _buckets(EMBED_BUCKETS, st.embed_hist), sum_value=st.embed_inputs)
             cumulative, buckets = 0, []
             for bound, count in zip((*map(str, BATCH_BUCKETS), "+Inf"), st.batch_hist, strict=True):
                 cumulative += count
@@ -53,7 +59,16 @@ class _EngineCollector(Collector):
             tokens.add_metric([model], st.batch_tokens_total)
             hits.add_metric([model], st.prefix_hits)
             reused.add_metric([model], st.prefix_tokens_reused)
-        yield from (active, queued, cells, last, steps, tokens, hits, reused, sizes)
+        yield from (active, queued, cells, last, steps, tokens, hits, reused, sizes, embed)
+
+
+def _buckets(bounds: tuple[int, ...], counts: list[int]) -> list[tuple[str, int]]:
+    """Prometheus's cumulative buckets from per-bucket counts (the last one: above every bound)."""
+    cumulative, out = 0, []
+    for bound, count in zip((*map(str, bounds), "+Inf"), counts, strict=True):
+        cumulative += count
+        out.append((bound, cumulative))
+    return out
 
 
 class Metrics:

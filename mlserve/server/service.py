@@ -4,21 +4,24 @@ A surface (OpenAI, Ollama, ...) turns its wire request into a ``Prompt`` and ``P
 calls ``InferenceService.start``; it gets back a ``Generation``, an async iterator of engine
 events that keeps the request context up to date (first token, usage, finish) and aborts the
 engine's sequence however it is left. The surface only formats those events.
+``InferenceService.embed`` is the same admission for embeddings: vectors in one answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
 
 from mlserve.engine.api import (
+    DeadlineExceeded,
     ErrorEvent,
     Event,
     FinishEvent,
@@ -61,6 +64,18 @@ class Params:
     presence_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    deterministic: bool = False  # decoded alone, so the same request gives the same bytes under any load
+    # A JSON Schema the output must match, enforced by a grammar (never ignored: a schema the grammar
+    # cannot enforce is a 400 naming the keyword). {"type": "object"} means any JSON object.
+    json_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Mean-pooled, L2-normalised vectors, one per input in order, and the tokens they took."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 class InferenceService:
@@ -92,16 +107,55 @@ class InferenceService:
         health = model.engine.health()
         if not health.ready:
             raise Unavailable(f"Model {model.id} is not ready ({health.state}).")
+        schema = params.json_schema
+        grammar = await model.engine.schema_grammar(schema) if schema is not None else None
         tokens = await self._tokens(model, prompt)
         sampling, explicit = self.sampling(model, params)
+        if grammar is not None:
+            sampling = replace(sampling, grammar=grammar)
         ctx.sampling = sampling
+        ctx.deterministic = params.deterministic
         timeout = state.settings.request_timeout
         deadline = time.monotonic() + timeout if timeout else None
         # The engine's id is unique even when clients reuse an x-request-id, so an abort hits one request.
-        req = GenerationRequest(f"{ctx.id}.{uuid.uuid4().hex[:8]}", tokens, sampling, explicit, deadline)
+        req = GenerationRequest(
+            f"{ctx.id}.{uuid.uuid4().hex[:8]}", tokens, sampling, explicit, deadline, params.deterministic
+        )
         generation = Generation(request, ctx, model, req, state)
         await generation.begin()
         return generation
+
+    async def embed(
+        self, request: Request, ctx: RequestContext, model_name: str, inputs: list[str], dimensions: int | None = None
+    ) -> Embeddings:
+        """Admit one embeddings request and answer it; ``dimensions`` keeps the first N, re-normalised."""
+        state = self.state
+        ctx.prompt_sha256 = await asyncio.to_thread(prompt_sha256, inputs)
+        if state.guard.log_content:
+            content_log.info("request %s input=%s", ctx.id, json.dumps(inputs, ensure_ascii=False))
+        model = self.lookup(ctx, model_name)
+        ctx.admit(model, state)
+        if state.draining:
+            raise Unavailable("The server is shutting down; send the request to another instance.")
+        health = model.engine.health()
+        if not health.ready:
+            raise Unavailable(f"Model {model.id} is not ready ({health.state}).")
+        if not inputs:
+            raise InvalidRequest("At least one input is required.")
+        if dimensions is not None and dimensions < 1:
+            raise InvalidRequest("dimensions must be at least 1.")
+        try:
+            vectors, tokens = await asyncio.wait_for(model.engine.embed(inputs), state.settings.request_timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("The request deadline passed before the embeddings were ready.") from None
+        ctx.prompt_tokens, ctx.completion_tokens = tokens, 0
+        if dimensions is not None:
+            size = len(vectors[0]) if vectors else 0
+            if dimensions > size:
+                raise InvalidRequest(f"dimensions is {dimensions}, but this model's embeddings have {size}.")
+            vectors = [_unit(v[:dimensions]) for v in vectors]
+        ctx.finished = True
+        return Embeddings(vectors, tokens)
 
     async def _tokens(self, model: ServedModel, prompt: Prompt) -> list[int]:
         engine = model.engine
@@ -168,6 +222,9 @@ class Generation:
             await self.aclose()
             raise first.error
         self.ctx.generating = True
+        self.ctx.sampling = self.req.sampling  # as the engine settled it (an implicit max_tokens fitted)
+        # The output's sha256 for the audit record, hashed as it streams: the text is never kept.
+        self.ctx.output_hash = hashlib.sha256()
         self._first = first
 
     async def _first_event(self) -> Event:
@@ -204,8 +261,11 @@ class Generation:
         if ctx.prompt_tokens is None:
             self.state.metrics.ttft.labels(self.model.id).observe(time.monotonic() - ctx.started)
             ctx.prompt_tokens = len(self.req.prompt_tokens)
-        if ctx.completion is not None and event.text:
-            ctx.completion.append(event.text)
+        if event.text:
+            if ctx.output_hash is not None:
+                ctx.output_hash.update(event.text.encode("utf-8", "surrogatepass"))
+            if ctx.completion is not None:
+                ctx.completion.append(event.text)
         if isinstance(event, FinishEvent):
             ctx.prompt_tokens, ctx.completion_tokens = event.prompt_tokens, event.completion_tokens
             ctx.finished = True
@@ -247,6 +307,12 @@ class Generation:
         closer = getattr(self._events, "aclose", None)
         if closer is not None:
             await closer()
+
+
+def _unit(vector: list[float]) -> list[float]:
+    """``vector`` scaled to unit length (OpenAI's ``dimensions``: shortened, then normalised again)."""
+    norm = sum(x * x for x in vector) ** 0.5
+    return [x / norm for x in vector] if norm > 0 else vector
 
 
 async def disconnected(request: Request) -> None:

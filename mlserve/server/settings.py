@@ -19,3 +19,8 @@ class ServerSettings:
     audit_dir: str | None = None
     rate_limit: int = 0
     log_content: bool = False
+    # Issue 12: the OpenAI routes again under this prefix (KServe: "/openai"); None: not mounted.
+    route_prefix: str | None = None
+    # Vertex AI custom containers: AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE (serve reads them); None: off.
+    vertex_predict_route: str | None = None
+    vertex_health_route: str | None = None

@@ -1,4 +1,4 @@
-"""Streaming responses: Server-Sent Events framing, and a stream that always releases its generation."""
+"""Streaming responses: Server-Sent Events and NDJSON framing, and a stream that always releases its generation."""
 
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ DONE = b"data: [DONE]\n\n"
 def event(data: dict[str, Any]) -> bytes:
     """One ``data:`` event holding JSON."""
     return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def named(name: str, data: dict[str, Any]) -> bytes:
+    """One ``event: NAME`` event holding JSON (Anthropic's framing: clients dispatch on the name)."""
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"event: " + name.encode() + b"\ndata: " + body + b"\n\n"
+
+
+def ndjson(data: dict[str, Any]) -> bytes:
+    """One line of newline-delimited JSON (Ollama's streaming framing, ``application/x-ndjson``)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 class EventStream(StreamingResponse):

@@ -25,6 +25,10 @@ class ServedModel:
     stop: tuple[str, ...] = ()
     created: int = 0
     in_flight: int = 0  # requests routed here and not finished; a retired version closes at 0
+    size: int = 0  # bytes of the GGUF blob (Ollama's /api/tags and /api/ps report it)
+    gguf: dict[str, Any] = field(default_factory=dict)  # the manifest's GGUF facts (architecture, parameters, ...)
+    ctx_size: int | None = None  # context cells per sequence (Ollama's options.num_ctx is checked against it)
+    embeddings: bool = False  # served with --embeddings (Ollama's /api/show lists the capability)
 
     @property
     def id(self) -> str:

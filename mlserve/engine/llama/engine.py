@@ -2,7 +2,11 @@
 
 It implements ``mlserve.engine.api.Engine``. Tokenising and chat templating run in worker
 threads (a 4 MiB prompt takes a while); the vocabulary they read is freed only once none
-of them still uses it.
+of them still uses it. A JSON Schema becomes a grammar in a worker thread too (checked,
+converted, compiled as a trial), before the request is queued, so a schema the grammar
+cannot enforce is refused before anything runs. With ``serve --embeddings`` a second llama.cpp
+context on the same weights, owned by its own thread (``EmbedWorker``), answers ``embed``:
+generation never waits for an embeddings decode's context, nor the other way round.
 """
 
 from __future__ import annotations
@@ -29,14 +33,19 @@ from mlserve.engine.api import (
     Unavailable,
 )
 from mlserve.engine.chat import ChatTemplate, ChatTemplateError, checked_template
+from mlserve.engine.embedding import EmbedWorker
 from mlserve.engine.llama.config import EngineConfig, default_threads, load_model
+from mlserve.engine.llama.embed_context import EmbeddingContext
+from mlserve.engine.llama.grammar import schema_to_gbnf
 from mlserve.engine.llama.model import LlamaModel
 from mlserve.engine.scheduler import Scheduler
+from mlserve.engine.schema import check_schema
 from mlserve.errors import EngineError
 
 __all__ = ["EngineConfig", "LlamaEngine", "default_threads"]
 
 INLINE_TOKENIZE_CHARS = 4096  # shorter text tokenises in well under a millisecond: not worth a thread hop
+EMBED_SEQS = 64  # inputs one embeddings decode may hold
 
 
 class LlamaEngine:
@@ -50,6 +59,7 @@ class LlamaEngine:
         self._model: LlamaModel | None = None
         self._scheduler: Scheduler | None = None
         self._template: ChatTemplate | None = None
+        self._embedder: EmbedWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._users = 0  # worker threads reading the vocabulary
         self._users_cv = threading.Condition()
@@ -63,6 +73,9 @@ class LlamaEngine:
             self._scheduler = Scheduler(self._model, self._deliver, self.config.max_queue)
             self._scheduler.start()
             await self._warm_up(self._model)
+            if self.config.embeddings:
+                self._embedder = await asyncio.to_thread(self._open_embeddings, self._model, self._scheduler.stats)
+                await self.embed(["Hello"])  # warm: the first decode allocates its buffers
         except (EngineError, RequestError) as exc:
             await self._release()
             self._state, self._detail = "failed", exc.message
@@ -79,6 +92,13 @@ class LlamaEngine:
             model.close()
             raise
         return model
+
+    def _open_embeddings(self, model: LlamaModel, stats: StepStats) -> EmbedWorker:
+        threads = self.config.threads or default_threads()
+        context = EmbeddingContext(model, n_ctx=self.config.embeddings_ctx, n_seq=EMBED_SEQS, n_threads=threads)
+        worker = EmbedWorker(context, stats)
+        worker.start()
+        return worker
 
     async def _warm_up(self, model: LlamaModel) -> None:
         warm = GenerationRequest(
@@ -106,6 +126,9 @@ class LlamaEngine:
     async def _release(self) -> None:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
+        embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            await asyncio.to_thread(_close_embedder, embedder)
         model, self._model = self._model, None
         if model is not None:
             await asyncio.to_thread(self._close_model, model)
@@ -183,6 +206,47 @@ class LlamaEngine:
                 tokens = model.tokenize(bos, add_special=False, parse_special=True) + tokens
         return tokens
 
+    # -- structured output and embeddings ------------------------------------------
+    async def schema_grammar(self, schema: dict[str, Any]) -> str:
+        """Check, convert and compile a JSON Schema in a worker thread: its GBNF, or InvalidRequest."""
+        return await asyncio.to_thread(self._schema_grammar, schema)
+
+    def _schema_grammar(self, schema: dict[str, Any]) -> str:
+        text = schema_to_gbnf(check_schema(schema))
+        with self._vocab() as model:
+            model.check_grammar(text)
+        return text
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Unit vectors for ``texts``, decoded together on the embeddings thread, and their token count."""
+        worker = self._embedder
+        if not self.config.embeddings:
+            raise InvalidRequest(
+                f"Model {self.model_id} is not served with embeddings; "
+                "start the server with `mlserve serve --embeddings`."
+            )
+        if worker is None or self._state not in ("loading", "ready"):
+            raise Unavailable(f"Model {self.model_id} is {self._state_words()}; send the request elsewhere.")
+        inputs = await asyncio.to_thread(self._embed_tokens, texts)
+        vectors = await asyncio.wrap_future(worker.submit(inputs))
+        return vectors, sum(len(tokens) for tokens in inputs)
+
+    def _embed_tokens(self, texts: list[str]) -> list[list[int]]:
+        limit = self.config.embeddings_ctx
+        inputs = []
+        with self._vocab() as model:
+            for i, text in enumerate(texts):
+                tokens = model.tokenize(text, add_special=True, parse_special=False)
+                if not tokens:
+                    raise InvalidRequest(f"Input {i} is empty after tokenisation.")
+                if len(tokens) > limit:
+                    raise ContextOverflow(
+                        f"Input {i} has {len(tokens)} tokens but the embeddings context holds {limit}; "
+                        "shorten it, or serve with a larger --embeddings-ctx."
+                    )
+                inputs.append(tokens)
+        return inputs
+
     # -- requests ----------------------------------------------------------------
     def fit(self, request: GenerationRequest) -> GenerationRequest:
         """Check the prompt is usable and fits; clamp an implicit max_tokens to the room left."""
@@ -246,6 +310,11 @@ class LlamaEngine:
             loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # loop closed between the check and the call
             pass
+
+
+def _close_embedder(worker: EmbedWorker) -> None:
+    worker.stop()
+    worker.context.close()
 
 
 def _put_all(items: list[tuple[Any, Event]]) -> None:

@@ -14,6 +14,8 @@ from mlserve.engine.llama.config import EngineConfig, default_threads, load_mode
 from mlserve.engine.llama.engine import LlamaEngine
 from mlserve.engine.llama.model import BuildInfo, LlamaModel, build_info
 
+EMBEDDINGS_CTX = 512  # default longest embeddings input: its compute buffer is ~1 MiB a token with Gemma
+
 
 @dataclass(frozen=True)
 class Overrides:
@@ -25,6 +27,8 @@ class Overrides:
     gpu_layers: int | None = None
     max_queue: int = 64
     parse_special_content: bool = False  # --parse-special: llama-server's handling of control text in messages
+    embeddings: bool = False  # --embeddings: also answer embeddings requests
+    embeddings_ctx: int | None = None  # --embeddings-ctx: tokens per input and per embeddings decode
 
 
 def engine_config(store: Store, bundle: Bundle, overrides: Overrides | None = None) -> EngineConfig:
@@ -50,6 +54,8 @@ def engine_config(store: Store, bundle: Bundle, overrides: Overrides | None = No
         chat_template=serving.get("chat_template"),
         stop=tuple(serving.get("stop", [])),
         parse_special_content=o.parse_special_content,
+        embeddings=o.embeddings,
+        embeddings_ctx=o.embeddings_ctx or EMBEDDINGS_CTX,
     )
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from mlserve.bundles.gguf_info import inspect
 from mlserve.engine.api import InvalidRequest, Sampling
 from mlserve.engine.decode import DecodeError
+from mlserve.engine.llama.grammar import GrammarChain, VocabIndex, build_index, compile_grammar, free_sampler
 from mlserve.errors import EngineError, GGUFError
 
 PENALTY_LAST_N = 64  # tokens the repeat/frequency/presence penalties look back over
@@ -131,6 +132,8 @@ class LlamaModel:
         self._nseq[:] = 1
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUF)
+        self._index: VocabIndex | None = None  # grammar_index(), built on first use
+        self._index_lock = threading.Lock()
 
     # -- vocabulary (read-only; safe from any thread) ---------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -253,15 +256,29 @@ class LlamaModel:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def new_sampler(self, cfg: Sampling) -> Any:
-        """A native sampler chain for these parameters; greedy when temperature is 0."""
+        """A native sampler chain for these parameters; greedy when temperature is 0; grammar first when given."""
+        penalized = cfg.repeat_penalty != 1.0 or bool(cfg.frequency_penalty) or bool(cfg.presence_penalty)
+        if cfg.grammar is not None:
+            keep = 1 if cfg.temperature <= 0 else cfg.top_k if cfg.top_k > 0 else self.n_vocab
+            penalties = self._penalties(cfg) if penalized else None
+            eog = int(ll.llama_vocab_eos(self.vocab))
+            index = self.grammar_index()
+            chain = self._chain(cfg)
+            return GrammarChain(self.vocab, cfg.grammar, penalties, chain, keep, cfg.min_p, eog, self.piece, index)
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if cfg.repeat_penalty != 1.0 or cfg.frequency_penalty or cfg.presence_penalty:
-            ll.llama_sampler_chain_add(
-                chain,
-                ll.llama_sampler_init_penalties(
-                    self.n_vocab, PENALTY_LAST_N, cfg.repeat_penalty, cfg.frequency_penalty, cfg.presence_penalty
-                ),
-            )
+        if penalized:
+            ll.llama_sampler_chain_add(chain, self._penalties(cfg))
+        return self._chain(cfg, chain)
+
+    def _penalties(self, cfg: Sampling) -> Any:
+        return ll.llama_sampler_init_penalties(
+            self.n_vocab, PENALTY_LAST_N, cfg.repeat_penalty, cfg.frequency_penalty, cfg.presence_penalty
+        )
+
+    def _chain(self, cfg: Sampling, chain: Any = None) -> Any:
+        """The samplers after penalties (and after a grammar): top-k, top-p, min-p, temperature, draw."""
+        if chain is None:
+            chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if cfg.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
             return chain
@@ -279,11 +296,38 @@ class LlamaModel:
 
     def sample(self, sampler: Any, index: int) -> int:
         """Sample (and accept) the next token from the logits at a batch index."""
+        if isinstance(sampler, GrammarChain):
+            return sampler.sample(self.ctx, index)
         return int(ll.llama_sampler_sample(sampler, self.ctx, index))
 
     def free_sampler(self, sampler: Any) -> None:
         """Release a sampler chain."""
-        ll.llama_sampler_free(sampler)
+        if isinstance(sampler, GrammarChain):
+            sampler.free()
+        else:
+            ll.llama_sampler_free(sampler)
+
+    def check_grammar(self, text: str) -> None:
+        """InvalidRequest unless llama.cpp compiles ``text`` against this vocabulary (any thread)."""
+        free_sampler(compile_grammar(self.vocab, text))
+        self.grammar_index()  # built here, in a worker thread, not on the engine thread at the first sample
+
+    def grammar_index(self) -> VocabIndex:
+        """The vocabulary's index for grammar sampling (built once: about a second for 262k tokens)."""
+        with self._index_lock:
+            if self._index is None:
+                buf = ctypes.create_string_buffer(PIECE_BUF)  # its own: piece()'s belongs to the engine thread
+                pieces = []
+                for token in range(self.n_vocab):
+                    n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+                    if n < 0:  # longer than the buffer
+                        big = ctypes.create_string_buffer(-n)
+                        n = ll.llama_token_to_piece(self.vocab, token, big, len(big), 0, False)
+                        pieces.append(big.raw[: max(n, 0)])
+                    else:
+                        pieces.append(buf.raw[:n])
+                self._index = build_index(pieces)
+            return self._index
 
     def clear_seq(self, seq: int, p0: int = -1) -> bool:
         """Drop a sequence's KV cells from position ``p0`` on (all when -1)."""

@@ -1,4 +1,4 @@
-"""The OpenAI surface: /v1/models, /v1/chat/completions, /v1/completions in OpenAI's wire format.
+"""The OpenAI surface: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings in OpenAI's wire format.
 
 It owns only its schemas, JSON and SSE shapes and error shape; lookup, admission, deadlines,
 disconnects and settlement belong to the inference service and the context middleware.
@@ -6,6 +6,8 @@ disconnects and settlement belong to the inference service and the context middl
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +23,7 @@ from mlserve.server.errors import outcome_of, render_openai
 from mlserve.server.registry import RouteSpec, Surface
 from mlserve.server.service import Generation, InferenceService, Params, Prompt
 from mlserve.server.state import ServerState
-from mlserve.server.surfaces.openai_schemas import ChatRequest, CompletionRequest, _Sampling
+from mlserve.server.surfaces.openai_schemas import ChatRequest, CompletionRequest, EmbeddingRequest, _Sampling
 
 
 def _state(request: Request) -> ServerState:
@@ -65,6 +67,8 @@ def _params(body: _Sampling, max_tokens: int | None) -> Params:
         presence_penalty=body.presence_penalty,
         seed=body.seed,
         stop=tuple(body.stop or ()),
+        deterministic=bool(body.mlserve and body.mlserve.deterministic),
+        json_schema=body.response_format.output_schema() if body.response_format is not None else None,
     )
 
 
@@ -86,6 +90,24 @@ async def completions(request: Request) -> Response:
     prompt = Prompt(token_ids=given) if isinstance(given, list) else Prompt(text=given)
     gen = await _service(request).start(request, ctx, body.model, prompt, _params(body, body.max_tokens))
     return await _answer(ctx, gen, "completion", body)
+
+
+async def embeddings(request: Request) -> Response:
+    """POST /v1/embeddings: mean-pooled, L2-normalised vectors, the inputs decoded together."""
+    ctx = context_of(request)
+    body = await validate(EmbeddingRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    result = await _service(request).embed(request, ctx, body.model, body.texts(), body.dimensions)
+    encode = _base64 if body.encoding_format == "base64" else list
+    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)]
+    tokens = result.prompt_tokens
+    model = ctx.model.id if ctx.model is not None else body.model
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage})
+
+
+def _base64(vector: list[float]) -> str:
+    """Little-endian float32 bytes in base64, as the openai client decodes them."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 async def _answer(ctx: RequestContext, gen: Generation, kind: str, body: _Sampling) -> Response:
@@ -166,8 +188,25 @@ SURFACE = Surface(
     "openai",
     (
         RouteSpec("/v1/models", list_models, ("GET",), "infer"),
-        RouteSpec("/v1/chat/completions", chat_completions, ("POST",), "infer", audited=True),
-        RouteSpec("/v1/completions", completions, ("POST",), "infer", audited=True),
+        RouteSpec(
+            "/v1/chat/completions",
+            chat_completions,
+            ("POST",),
+            "infer",
+            audited=True,
+            body=ChatRequest,
+            streams="text/event-stream",
+        ),
+        RouteSpec(
+            "/v1/completions",
+            completions,
+            ("POST",),
+            "infer",
+            audited=True,
+            body=CompletionRequest,
+            streams="text/event-stream",
+        ),
+        RouteSpec("/v1/embeddings", embeddings, ("POST",), "infer", audited=True, body=EmbeddingRequest),
     ),
     render_openai,
 )

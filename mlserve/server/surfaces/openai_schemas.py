@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mlserve.engine.api import InvalidRequest
 
 MAX_STOP = 8
 MAX_STOP_LEN = 256
+MAX_EMBED_INPUTS = 2048  # OpenAI's own limit per embeddings request
 
 
 class _Body(BaseModel):
@@ -21,6 +22,40 @@ class StreamOptions(_Body):
     """OpenAI's stream_options."""
 
     include_usage: bool = False
+
+
+class MlserveOptions(_Body):
+    """mlserve's own request options, under the body's ``mlserve`` key."""
+
+    deterministic: bool = False  # decoded alone: the same bytes under any load
+
+
+class JsonSchemaSpec(_Body):
+    """``response_format.json_schema``: the schema the output must match (always enforced, strict or not)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _spec(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and allowed only then")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema to enforce (None: free text)."""
+        if self.json_schema is not None:
+            return self.json_schema.schema_
+        return {"type": "object"} if self.type == "json_object" else None
 
 
 class _Sampling(_Body):
@@ -41,6 +76,8 @@ class _Sampling(_Body):
     logprobs: Literal[False] | None = None
     user: str | None = Field(None, max_length=256)
     metadata: dict[str, str] | None = None
+    mlserve: MlserveOptions | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -102,3 +139,29 @@ class CompletionRequest(_Sampling):
         if len(p) != 1:
             raise InvalidRequest("Only one prompt per request is supported; send one request per prompt.")
         return str(p[0])
+
+
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings."""
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] | list[int] | list[list[int]]
+    dimensions: int | None = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = Field(None, max_length=256)
+
+    def texts(self) -> list[str]:
+        """The inputs as a list of non-empty texts; token ids are refused (another tokenizer's ids would mislead)."""
+        given = [self.input] if isinstance(self.input, str) else self.input
+        if not given:
+            raise InvalidRequest("'input' must hold at least one text.")
+        if not all(isinstance(x, str) for x in given):
+            raise InvalidRequest(
+                "Token-id input is not supported: send the text (LangChain's OpenAIEmbeddings sends token ids "
+                "unless created with check_embedding_ctx_length=False)."
+            )
+        if len(given) > MAX_EMBED_INPUTS:
+            raise InvalidRequest(f"'input' holds {len(given)} texts; at most {MAX_EMBED_INPUTS} are allowed.")
+        if any(not x for x in given):
+            raise InvalidRequest("'input' holds an empty text.")
+        return [str(x) for x in given]

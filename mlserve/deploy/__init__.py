@@ -1,0 +1,1 @@
+"""Render deployment configuration (systemd, HAProxy, Kubernetes, KServe, Ray) from bundles: see plan.py."""

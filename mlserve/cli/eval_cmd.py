@@ -165,7 +165,9 @@ def eval_(
         subject = results.Subject(target, bundle.ref, bundle.name, bundle.version, bundle.digest)
         chosen = _task(bundle, task)  # before the server starts: a wrong --task costs nothing
         info(f"starting `mlserve serve {bundle.ref}` on a free loopback port")
-        with LocalServer(bundle.ref, ["--threads", str(threads)] if threads else []) as server:
+        # The server's own deadline is the eval's: a long note on a busy machine is slow, not failed.
+        flags = ["--request-timeout", str(timeout)] + (["--threads", str(threads)] if threads else [])
+        with LocalServer(bundle.ref, flags) as server:
             doc = evaluate(server.url, subject, chosen)
     saved = results.save(store, doc) if doc["completed"] else None
     if as_json:

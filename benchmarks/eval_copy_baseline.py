@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20)
     args = parser.parse_args()
     pairs = read_pairs(args.dataset, args.limit)
-    means = mean_scores([score_note(p.dialogue, p.reference) for p in pairs.pairs])
+    means = mean_scores([score_note(p.dialogue, p.reference, p.dialogue) for p in pairs.pairs])
     print(f"copy the transcript, {len(pairs.pairs)} rows of {args.dataset.name}:")
     print("| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | sections | length ratio |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -65,10 +65,13 @@ def test_section_coverage_reads_markup_and_abbreviations() -> None:
 
 def test_copying_the_transcript_scores_about_33_rouge1() -> None:
     """ACI-Bench's reference point: the transcript itself as the note scores ROUGE-1 of about 33."""
-    scores = [score_note(r["dialogue"], r["note"]) for r in rows(3)]
+    scores = [score_note(r["dialogue"], r["note"], r["dialogue"]) for r in rows(3)]
     mean = sum(s.rouge1 for s in scores) / len(scores)
     assert 0.28 < mean < 0.40, mean
     assert all(s.length_ratio > 1.5 for s in scores)  # transcripts are longer than notes
+    assert all(s.transcript_overlap == 1.0 for s in scores)  # every word pair is the transcript's
+    note = rows(1)[0]
+    assert score_note(note["note"], note["note"], note["dialogue"]).transcript_overlap < 0.6  # a real note rewords
 
 
 def test_read_pairs(tmp_path: Path) -> None:

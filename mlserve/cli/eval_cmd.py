@@ -28,6 +28,7 @@ from mlserve.eval.dataset import read_pairs
 _URL = re.compile(r"https?://", re.IGNORECASE)
 TASK = "discharge-summary"
 DEFAULT_MAX_TOKENS = 512
+EVAL_CTX = 8192
 # (column, key, scale): ROUGE and coverage as percentages, as the ACI-Bench paper prints them.
 COLUMNS = (
     ("ROUGE-1", "rouge1", 100),
@@ -36,6 +37,7 @@ COLUMNS = (
     ("ROUGE-Lsum", "rougeLsum", 100),
     ("sections %", "section_coverage", 100),
     ("length ratio", "length_ratio", 1),
+    ("copied %", "transcript_overlap", 100),
 )
 
 
@@ -123,6 +125,9 @@ def eval_(
     model: Optional[str] = typer.Option(None, "--model", help="URL target: the model id to send."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLSERVE_API_KEY", help="Bearer key."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="REF target: serve --threads."),
+    ctx_size: Optional[int] = typer.Option(
+        None, "--ctx-size", min=16, help=f"REF target: serve --ctx-size (default: the bundle's, at least {EVAL_CTX})."
+    ),
     timeout: float = typer.Option(900.0, "--timeout", min=1, help="Per-request timeout, seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the eval document on stdout (nothing else there)."),
 ) -> None:
@@ -166,7 +171,9 @@ def eval_(
         chosen = _task(bundle, task)  # before the server starts: a wrong --task costs nothing
         info(f"starting `mlserve serve {bundle.ref}` on a free loopback port")
         # The server's own deadline is the eval's: a long note on a busy machine is slow, not failed.
-        flags = ["--request-timeout", str(timeout)] + (["--threads", str(threads)] if threads else [])
+        # It holds only the sequences the eval sends at once, each long enough for a whole dialogue.
+        flags = ["--request-timeout", str(timeout), "--parallel", str(concurrency)]
+        flags += ["--ctx-size", str(ctx_size or _eval_ctx(bundle))] + (["--threads", str(threads)] if threads else [])
         with LocalServer(bundle.ref, flags) as server:
             doc = evaluate(server.url, subject, chosen)
     saved = results.save(store, doc) if doc["completed"] else None
@@ -182,6 +189,11 @@ def eval_(
         raise CheckFailed(f"No request of the eval completed: {'; '.join(doc['errors'])}", "Check the server's log.")
     if doc["failed"]:
         info(f"warning: {doc['failed']} request(s) failed: {'; '.join(doc['errors'])}")
+
+
+def _eval_ctx(bundle: Bundle) -> int:
+    """Context per sequence: the bundle's, at least EVAL_CTX (the longest ACI-Bench dialogue and its note fit)."""
+    return max(int(bundle.manifest.get("serving", {}).get("defaults", {}).get("ctx_size", 4096)), EVAL_CTX)
 
 
 def _print(renderable: Any) -> None:

@@ -49,7 +49,7 @@ def build(
         if a.text is None:
             item["error"] = a.result.error
         else:
-            score = score_note(a.text, a.pair.reference)
+            score = score_note(a.text, a.pair.reference, a.pair.dialogue)
             scores.append(score)
             item.update(score.as_dict())
             item.update(

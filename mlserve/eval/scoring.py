@@ -4,7 +4,9 @@ ROUGE comes from ``rouge-score`` (the only module that imports it), with Porter 
 the ACI-Bench paper reports it: ``rougeL`` is the LCS over the whole note, ``rougeLsum`` the
 summary-level LCS over its lines. Section coverage is the share of the reference note's section
 headings (lines in capitals, such as ``CHIEF COMPLAINT`` or ``HPI:``) that the generated note
-names at the start of one of its lines, however it is cased or marked up.
+names at the start of one of its lines, however it is cased or marked up. Transcript overlap is
+the share of the note's word pairs found in the dialogue (ROUGE-2 precision against it): near 1,
+the "note" repeats the transcript, which scores about as well as copying it (ROUGE-1 ~ 33).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-SCORE_KEYS = (*ROUGE_KEYS, "section_coverage", "length_ratio")
+SCORE_KEYS = (*ROUGE_KEYS, "section_coverage", "length_ratio", "transcript_overlap")
 _HEADING = re.compile(r"[A-Z][A-Z &/()-]{1,48}:?")  # capitals only: "VITALS", "CC:", no digits ("BP: 120/80")
 _MARKUP = re.compile(r"[^a-z0-9&/ ]+")
 # Abbreviations and variants the reference notes use for the same section.
@@ -43,17 +45,18 @@ class NoteScore:
     rougeLsum: float  # noqa: N815
     section_coverage: float
     length_ratio: float
+    transcript_overlap: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """The scores by key, rounded to 4 digits."""
         return {k: round(v, 4) for k, v in asdict(self).items()}
 
 
-@lru_cache(maxsize=1)
-def _scorer() -> Any:
+@lru_cache(maxsize=2)
+def _scorer(keys: tuple[str, ...] = ROUGE_KEYS) -> Any:
     from rouge_score import rouge_scorer  # a second or so to import (nltk): only when scoring
 
-    return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    return rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
 
 
 def _clean(line: str) -> str:
@@ -86,9 +89,10 @@ def section_coverage(generated: str, reference: str) -> float:
     return hit / len(wanted)
 
 
-def score_note(generated: str, reference: str) -> NoteScore:
-    """ROUGE-1/2/L/Lsum F1, section coverage and length ratio of ``generated`` against ``reference``."""
+def score_note(generated: str, reference: str, dialogue: str = "") -> NoteScore:
+    """ROUGE-1/2/L/Lsum F1, section coverage and length ratio against ``reference``; overlap with ``dialogue``."""
     rouge = _scorer().score(reference, generated)
+    copied = _scorer(("rouge2",)).score(dialogue, generated)["rouge2"].precision if dialogue else 0.0
     ref_words = len(reference.split())
     return NoteScore(
         rouge1=rouge["rouge1"].fmeasure,
@@ -97,6 +101,7 @@ def score_note(generated: str, reference: str) -> NoteScore:
         rougeLsum=rouge["rougeLsum"].fmeasure,
         section_coverage=section_coverage(generated, reference),
         length_ratio=len(generated.split()) / ref_words if ref_words else 0.0,
+        transcript_overlap=copied,
     )
 
 

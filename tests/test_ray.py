@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
-import dataclasses
 import os
 import socket
 import subprocess
@@ -243,18 +242,17 @@ def test_replica_config_parses_builder_arguments_and_refuses_unknown_ones() -> N
             ReplicaConfig.from_args(bad)
 
 
-def test_served_model_matches_what_mlserve_serve_builds(tiny_gguf: Path, cli: Any) -> None:
-    from mlserve.cli.serve_cmd import _served
+def test_served_model_carries_the_serving_settings(tiny_gguf: Path, cli: Any) -> None:
+    """serve and the Ray replica build models with this one function: the settings they pass reach it."""
     from mlserve.engine.llama.factory import Overrides
 
     assert cli("pack", tiny_gguf, "--name", "tiny").exit_code == 0
     store = Store()
     bundle = store.resolve("tiny")
-    overrides = Overrides(ctx_size=256, parallel=2)
-    ours, theirs = served_model(store, bundle, overrides), _served(store, bundle, overrides)
-    fields = [f.name for f in dataclasses.fields(ours) if f.name != "engine"]
-    assert {f: getattr(ours, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
-    assert ours.engine.config == theirs.engine.config  # type: ignore[attr-defined]
+    model = served_model(store, bundle, Overrides(ctx_size=256, parallel=2, embeddings=True))
+    assert (model.name, model.version, model.digest) == (bundle.name, bundle.version, bundle.digest)
+    assert model.ctx_size == 256 and model.embeddings is True
+    assert model.engine.config.parallel == 2  # type: ignore[attr-defined]
 
 
 def _lifespan_messages(app: Any, within: float) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from enum import Enum
@@ -11,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 import mlserve.cli.serve_security as serve_security
-from mlserve.bundles.store import Bundle, Store
+from mlserve.bundles.store import Store
 from mlserve.cli.app import app
 from mlserve.cli.console import info
 from mlserve.errors import IntegrityError
@@ -28,37 +27,15 @@ class LogLevel(str, Enum):
     error = "error"
 
 
-def _served(store: Store, bundle: Bundle, overrides: Any) -> Any:
-    """The ServedModel for ``bundle``: its engine built by the one factory, its request defaults."""
-    from mlserve.engine.llama.factory import create_engine, engine_config
-    from mlserve.server.state import ServedModel
-
-    serving = bundle.manifest.get("serving", {})
-    config = engine_config(store, bundle, overrides)
-    created = int(dt.datetime.fromisoformat(bundle.manifest["created_at"].replace("Z", "+00:00")).timestamp())
-    return ServedModel(
-        name=bundle.name,
-        version=bundle.version,
-        digest=bundle.digest,
-        engine=create_engine(config),
-        defaults=dict(serving.get("defaults", {})),
-        stop=config.stop,
-        created=created,
-        size=sum(int(f.get("size", 0)) for f in bundle.manifest["files"] if f.get("role", "model") == "model"),
-        gguf=dict(bundle.manifest.get("gguf", {})),
-        ctx_size=config.ctx_size,
-        embeddings=config.embeddings,
-    )
-
-
 def _follow_plan(store: Store, refs: list[str], models: list[Any], overrides: Any) -> Any:
     """Models served as NAME@CHANNEL follow their channel: a FollowPlan, or None when there are none."""
     from mlserve.server.follow import FollowPlan
+    from mlserve.serving.asgi import served_model
 
     pairs = tuple((m, ref.split("@", 1)[1]) for ref, m in zip(refs, models, strict=True) if "@" in ref)
     if not pairs:
         return None
-    return FollowPlan(store, lambda bundle: _served(store, bundle, overrides), pairs)
+    return FollowPlan(store, lambda bundle: served_model(store, bundle, overrides), pairs)
 
 
 @app.command()
@@ -180,7 +157,9 @@ def serve(
         embeddings=embeddings,
         embeddings_ctx=embeddings_ctx,
     )
-    models = [_served(store, b, overrides) for b in bundles]
+    from mlserve.serving.asgi import served_model
+
+    models = [served_model(store, b, overrides) for b in bundles]
     follow = _follow_plan(store, refs, models, overrides)
     settings = ServerSettings(
         request_timeout=request_timeout or None,

@@ -108,7 +108,7 @@ def _number(name: str, value: Any, kind: type[int] | type[float]) -> Any:
 
 
 def served_model(store: Store, bundle: Bundle, overrides: Overrides) -> ServedModel:
-    """The ServedModel for ``bundle``, built as ``mlserve serve`` builds it (tests/test_ray.py compares the two)."""
+    """The ServedModel for ``bundle``: its engine from the one factory, its request defaults (serve and Ray)."""
     serving = bundle.manifest.get("serving", {})
     config = engine_config(store, bundle, overrides)
     created = int(dt.datetime.fromisoformat(bundle.manifest["created_at"].replace("Z", "+00:00")).timestamp())
@@ -123,6 +123,7 @@ def served_model(store: Store, bundle: Bundle, overrides: Overrides) -> ServedMo
         size=sum(int(f.get("size", 0)) for f in bundle.manifest["files"] if f.get("role", "model") == "model"),
         gguf=dict(bundle.manifest.get("gguf", {})),
         ctx_size=config.ctx_size,
+        embeddings=config.embeddings,
     )
 
 

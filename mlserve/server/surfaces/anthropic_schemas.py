@@ -12,10 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlserve.engine.api import InvalidRequest
-from mlserve.server.surfaces.openai_schemas import MlserveOptions
+from mlserve.server.surfaces.common import MlserveOptions, check_stops
 
-MAX_STOP = 8
-MAX_STOP_LEN = 256
 # Block types Anthropic defines that a text model cannot take: named in the refusal (any other
 # type is refused without echoing it, since a client's unknown text might be anything).
 KNOWN_BLOCKS = frozenset(
@@ -174,9 +172,7 @@ class MessagesRequest(_Conversation):
     @field_validator("stop_sequences")
     @classmethod
     def _stop(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and (len(value) > MAX_STOP or any(not s or len(s) > MAX_STOP_LEN for s in value)):
-            raise ValueError(f"at most {MAX_STOP} non-empty stop sequences of up to {MAX_STOP_LEN} characters")
-        return value
+        return None if value is None else check_stops(value)
 
     def refuse_unsupported(self) -> None:
         """Also containers, MCP servers, a pinned inference region and diagnostics."""

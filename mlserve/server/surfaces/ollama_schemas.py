@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from mlserve.engine.api import InvalidRequest
 from mlserve.server.service import Params
-from mlserve.server.surfaces.openai_schemas import MlserveOptions
+from mlserve.server.surfaces.common import MlserveOptions, StopStrings
 
-MAX_STOP = 8
-MAX_STOP_LEN = 256
 # The look-back of mlserve's repeat/frequency/presence penalties (PENALTY_LAST_N in the llama.cpp
 # engine), which is also Ollama's default repeat_last_n: that one value is accepted.
 PENALTY_LAST_N = 64
@@ -61,7 +59,7 @@ class Options(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-1, le=2**63 - 1)  # -1: a random seed, as in Ollama
     num_predict: int | None = Field(None, ge=-2)  # -1 (no limit) and -2 (fill the context): the model's default
-    stop: str | list[str] | None = None
+    stop: StopStrings | None = None
     repeat_penalty: float | None = Field(None, gt=0, le=10)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -86,16 +84,6 @@ class Options(_Body):
     logits_all: bool | None = None
     vocab_only: bool | None = None
     embedding_only: bool | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_LEN for s in stops):
-            raise ValueError(f"at most {MAX_STOP} non-empty stop sequences of up to {MAX_STOP_LEN} characters")
-        return stops
 
     def check_context(self, ctx_size: int | None) -> None:
         """Refuse a ``num_ctx`` larger than the context each sequence is served with."""

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlserve.engine.api import InvalidRequest
+from mlserve.server.surfaces.common import MlserveOptions, StopStrings
 
-MAX_STOP = 8
-MAX_STOP_LEN = 256
 MAX_EMBED_INPUTS = 2048  # OpenAI's own limit per embeddings request
 
 
@@ -22,12 +21,6 @@ class StreamOptions(_Body):
     """OpenAI's stream_options."""
 
     include_usage: bool = False
-
-
-class MlserveOptions(_Body):
-    """mlserve's own request options, under the body's ``mlserve`` key."""
-
-    deterministic: bool = False  # decoded alone: the same bytes under any load
 
 
 class JsonSchemaSpec(_Body):
@@ -69,7 +62,7 @@ class _Sampling(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: StopStrings | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -78,16 +71,6 @@ class _Sampling(_Body):
     metadata: dict[str, str] | None = None
     mlserve: MlserveOptions | None = None
     response_format: ResponseFormat | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_LEN for s in stops):
-            raise ValueError(f"at most {MAX_STOP} non-empty stop sequences of up to {MAX_STOP_LEN} characters")
-        return stops
 
 
 class TextPart(_Body):

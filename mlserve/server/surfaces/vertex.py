@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -37,11 +37,9 @@ from mlserve.server.registry import RouteSpec, Surface
 from mlserve.server.service import InferenceService, Params, Prompt
 from mlserve.server.settings import ServerSettings
 from mlserve.server.state import ServedModel, ServerState
-from mlserve.server.surfaces.openai_schemas import MlserveOptions
+from mlserve.server.surfaces.common import MlserveOptions, StopStrings
 
 MAX_INSTANCES = 32  # within the engine's default queue (64), so one request cannot overload it alone
-MAX_STOP = 8
-MAX_STOP_LEN = 256
 _ROUTE = re.compile(r"/[^\s{}?#]*")  # a literal path: braces would turn into starlette path parameters
 # Google's canonical codes for the HTTP statuses this server answers with.
 _STATUS = {
@@ -98,18 +96,8 @@ class VertexParameters(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1000)
-    stop: str | list[str] | None = None
+    stop: StopStrings | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_LEN for s in stops):
-            raise ValueError(f"at most {MAX_STOP} non-empty stop sequences of up to {MAX_STOP_LEN} characters")
-        return stops
 
     def as_params(self, deterministic: bool) -> Params:
         """The service's sampling parameters."""

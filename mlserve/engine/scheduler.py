@@ -6,11 +6,7 @@ positions; finished or cancelled sequences give their slot back at once and new 
 join between steps. Requests and aborts reach the thread through a deque, never a lock
 the thread holds while it decodes, so ``submit`` returns at once whatever the thread does.
 
-Prefix reuse: a free slot keeps the tokens it last held. A new request takes the free
-slot whose cached tokens share the longest prefix with its prompt, drops the cells after
-that prefix and decodes only the rest. On sliding-window models (Gemma 3) cells older
-than the window are gone once a sequence runs past it; ``seq_pos_min`` tells whether the
-prefix is still whole, and if not the slot is cleared and the prompt decoded in full.
+Which slot a request takes, and the prompt prefix it can reuse there, is ``slots.Slots``' job.
 
 Deterministic requests never share a decode call: each step decodes the others' batch, then
 each deterministic sequence alone (prompt in fixed ``n_batch`` chunks, then a token per step),
@@ -47,9 +43,9 @@ from mlserve.engine.api import (
     Unavailable,
 )
 from mlserve.engine.decode import NO_KV_SLOT, DecodeError, DecodeModel
+from mlserve.engine.slots import MIN_REUSE, Slots
 from mlserve.engine.stops import TextOut
 
-MIN_REUSE = 16  # shared prompt tokens that make a slot worth choosing over the lowest free one
 FATAL_AFTER = 4  # decode calls failing in a row (none succeeding) that mean the context is unusable
 UNLOADED = "The model was unloaded."
 Deliver = Callable[[list[tuple[Any, Event]]], None]
@@ -75,14 +71,6 @@ class _Seq:
         self.out_tokens: list[int] = []
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _slot_of(seq: _Seq) -> int:
     return seq.slot
 
@@ -103,8 +91,7 @@ class Scheduler:
         self._closed: str | None = None  # why new requests are refused
         self._pending: deque[_Seq] = deque()
         self._active: list[_Seq] = []
-        self._free = list(range(model.n_seq - 1, -1, -1))
-        self._cached: dict[int, list[int]] = {}  # free slot -> tokens still in its KV cells
+        self._slots = Slots(model, self.stats)
         self._prefill_cap = model.n_batch  # prompt tokens per step; halved on "no KV slot", regrown after
         self._failures_in_row = 0
         self._thread = threading.Thread(target=self._run, name="mlserve-engine", daemon=True)
@@ -241,40 +228,15 @@ class Scheduler:
         self._pending = keep
 
     def _admit(self, now: float) -> None:
-        while self._pending and self._free:
+        while self._pending and self._slots.available():
             seq = self._pending.popleft()
             self._assign_slot(seq)
             seq.req.admitted_at = now
             self._active.append(seq)
 
     def _assign_slot(self, seq: _Seq) -> None:
-        """Give ``seq`` the free slot sharing the longest prompt prefix; keep only that prefix."""
-        prompt = seq.req.prompt_tokens
-        shared = {slot: _common_prefix(self._cached.get(slot, []), prompt) for slot in self._free}
-        # Longest shared prefix first; on a tie, a slot with nothing cached, so other caches live on.
-        slot = max(self._free, key=lambda s: (shared[s], s not in self._cached, -s))
-        if seq.req.deterministic:  # no reuse; a high id keeps the batched ones dense below it
-            slot = max(self._free, key=lambda s: (s not in self._cached, s))
-            shared[slot] = 0
-        elif shared[slot] < MIN_REUSE:
-            # Nothing worth reusing: take the lowest free slot, so active sequence ids stay
-            # dense (llama.cpp's per-sequence KV streams batch only consecutive ids together).
-            slot = min(self._free)
-        self._free.remove(slot)
-        self._cached.pop(slot, None)
-        reuse = min(shared[slot], len(prompt) - 1)
-        if reuse > 0 and self.model.clear_seq(slot, reuse) and self._prefix_whole(slot, reuse):
-            seq.prefilled = seq.n_past = reuse
-            self.stats.prefix_hits += 1
-            self.stats.prefix_tokens_reused += reuse
-        else:
-            self.model.clear_seq(slot)
-        seq.slot = slot
-
-    def _prefix_whole(self, slot: int, reuse: int) -> bool:
-        """Whether every cell the next token attends to is still cached (sliding windows prune)."""
-        pos_min = self.model.seq_pos_min(slot)
-        return 0 <= pos_min <= max(0, reuse - self.model.n_swa) if self.model.n_swa > 0 else pos_min == 0
+        seq.slot, reuse = self._slots.take(seq.req.prompt_tokens, seq.req.deterministic)
+        seq.prefilled = seq.n_past = reuse
 
     # -- decoding ---------------------------------------------------------------------
     def _decode_step(self, out: Out) -> None:
@@ -422,13 +384,9 @@ class Scheduler:
         if seq.sampler is not None:
             self.model.free_sampler(seq.sampler)
             seq.sampler = None
-        if keep_cells:
-            # The slot keeps its cells: the next request with the same prefix reuses them.
-            self._cached[seq.slot] = (seq.req.prompt_tokens + seq.out_tokens)[: seq.n_past]
-        else:
-            self.model.clear_seq(seq.slot)
+        cells = (seq.req.prompt_tokens + seq.out_tokens)[: seq.n_past] if keep_cells else None
+        self._slots.give_back(seq.slot, cells)
         self._active.remove(seq)
-        self._free.append(seq.slot)
         self._ended(1)
 
 

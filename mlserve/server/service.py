@@ -90,23 +90,39 @@ class InferenceService:
         ctx.model = model
         return model
 
-    async def start(
-        self, request: Request, ctx: RequestContext, model_name: str, prompt: Prompt, params: Params
-    ) -> Generation:
-        """Admit, tokenise and submit one generation; return once its first event is in."""
+    async def admit(self, ctx: RequestContext, model_name: str, received: Any, what: str = "prompt") -> ServedModel:
+        """Hash (and, with --log-content, log) what the client sent, find its model and count it in flight.
+
+        From here a drain or a version switch waits for the request; a draining server or a model
+        that is not ready refuses it (Unavailable).
+        """
         state = self.state
-        received = prompt.as_received()
         ctx.prompt_sha256 = await asyncio.to_thread(prompt_sha256, received)
         if state.guard.log_content:
-            content_log.info("request %s prompt=%s", ctx.id, json.dumps(received, ensure_ascii=False))
-            ctx.completion = []
+            content_log.info("request %s %s=%s", ctx.id, what, json.dumps(received, ensure_ascii=False))
         model = self.lookup(ctx, model_name)
-        ctx.admit(model, state)  # from here a drain or a version switch waits for this request
+        ctx.admit(model, state)
         if state.draining:
             raise Unavailable("The server is shutting down; send the request to another instance.")
         health = model.engine.health()
         if not health.ready:
             raise Unavailable(f"Model {model.id} is not ready ({health.state}).")
+        return model
+
+    async def count_tokens(self, ctx: RequestContext, model_name: str, messages: list[dict[str, Any]]) -> int:
+        """The prompt tokens ``messages`` make under the model's chat template (admitted like a generation)."""
+        model = await self.admit(ctx, model_name, messages)
+        ctx.prompt_tokens = len(await model.engine.chat_tokens(messages))
+        return ctx.prompt_tokens
+
+    async def start(
+        self, request: Request, ctx: RequestContext, model_name: str, prompt: Prompt, params: Params
+    ) -> Generation:
+        """Admit, tokenise and submit one generation; return once its first event is in."""
+        state = self.state
+        model = await self.admit(ctx, model_name, prompt.as_received())
+        if state.guard.log_content:
+            ctx.completion = []
         schema = params.json_schema
         grammar = await model.engine.schema_grammar(schema) if schema is not None else None
         tokens = await self._tokens(model, prompt)
@@ -130,16 +146,7 @@ class InferenceService:
     ) -> Embeddings:
         """Admit one embeddings request and answer it; ``dimensions`` keeps the first N, re-normalised."""
         state = self.state
-        ctx.prompt_sha256 = await asyncio.to_thread(prompt_sha256, inputs)
-        if state.guard.log_content:
-            content_log.info("request %s input=%s", ctx.id, json.dumps(inputs, ensure_ascii=False))
-        model = self.lookup(ctx, model_name)
-        ctx.admit(model, state)
-        if state.draining:
-            raise Unavailable("The server is shutting down; send the request to another instance.")
-        health = model.engine.health()
-        if not health.ready:
-            raise Unavailable(f"Model {model.id} is not ready ({health.state}).")
+        model = await self.admit(ctx, model_name, inputs, what="input")
         if not inputs:
             raise InvalidRequest("At least one input is required.")
         if dimensions is not None and dimensions < 1:

@@ -9,16 +9,14 @@ mlserve serves one version of this API.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mlserve.engine.api import ErrorEvent, FinishEvent, Unavailable
+from mlserve.engine.api import ErrorEvent, FinishEvent
 from mlserve.server import sse
-from mlserve.server.auditing import prompt_sha256
 from mlserve.server.body import read_json, validate
 from mlserve.server.context import RequestContext, context_of
 from mlserve.server.errors import Outcome, outcome_of
@@ -144,15 +142,8 @@ async def count_tokens(request: Request) -> Response:
     ctx = context_of(request)
     state = _state(request)
     body = await validate(CountTokensRequest, await read_json(request, state.settings.max_body_bytes))
-    messages = body.template_messages()
-    ctx.prompt_sha256 = await asyncio.to_thread(prompt_sha256, messages)
-    model = _service(request).lookup(ctx, body.model)
-    ctx.admit(model, state)  # it reads the model's vocabulary: a drain or version switch waits for it
-    health = model.engine.health()
-    if state.draining or not health.ready:
-        raise Unavailable(f"Model {model.id} is not ready ({'draining' if state.draining else health.state}).")
-    ctx.prompt_tokens = len(await model.engine.chat_tokens(messages))
-    response = JSONResponse({"input_tokens": ctx.prompt_tokens})
+    tokens = await _service(request).count_tokens(ctx, body.model, body.template_messages())
+    response = JSONResponse({"input_tokens": tokens})
     response.headers["request-id"] = ctx.id
     return response
 

@@ -33,31 +33,25 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+_NAME_RULE = "1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit."
+
+
+def _checked(value: str, pattern: re.Pattern[str], what: str, rule: str) -> str:
+    if not pattern.fullmatch(value):
+        raise UsageError(f"Invalid {what} {value!r}.", rule)
+    return value
+
+
 def check_name(name: str) -> str:
     """Validate a bundle name against the contract."""
-    if not NAME_RE.fullmatch(name):
-        raise UsageError(
-            f"Invalid name {name!r}.",
-            "Names are 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit.",
-        )
-    return name
+    return _checked(name, NAME_RE, "name", "Names are " + _NAME_RULE)
 
 
 def check_version(version: str) -> str:
     """Validate a version string against the contract."""
-    if not VERSION_RE.fullmatch(version):
-        raise UsageError(
-            f"Invalid version {version!r}.",
-            "Versions are 1-64 of A-Z, a-z, 0-9, '.', '_', '+', '-'.",
-        )
-    return version
+    return _checked(version, VERSION_RE, "version", "Versions are 1-64 of A-Z, a-z, 0-9, '.', '_', '+', '-'.")
 
 
 def check_channel(channel: str) -> str:
     """Validate a channel name (same rules as bundle names)."""
-    if not CHANNEL_RE.fullmatch(channel):
-        raise UsageError(
-            f"Invalid channel {channel!r}.",
-            "Channels are 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit.",
-        )
-    return channel
+    return _checked(channel, CHANNEL_RE, "channel", "Channels are " + _NAME_RULE)

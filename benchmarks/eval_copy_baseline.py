@@ -1,6 +1,6 @@
 """ACI-Bench's floor, measured with `mlserve eval`'s own scorer: the transcript itself, copied as the note.
 
-    python benchmarks/eval_copy_baseline.py [--dataset benchmarks/data/dialogue-to-note.jsonl] [--limit 20]
+    python benchmarks/eval_copy_baseline.py [--dataset benchmarks/data/dialogue-to-note.jsonl] [--limit 20] [--split valid]
 
 Prints the same score means `mlserve eval` reports (ROUGE F1 with stemming, section coverage,
 length ratio), so a model's table can sit beside it.
@@ -21,8 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--split", default=None, help="Only the rows whose id starts with SPLIT/ (e.g. valid).")
     args = parser.parse_args()
-    pairs = read_pairs(args.dataset, args.limit)
+    pairs = read_pairs(args.dataset, args.limit, args.split)
     means = mean_scores([score_note(p.dialogue, p.reference, p.dialogue) for p in pairs.pairs])
     print(f"copy the transcript, {len(pairs.pairs)} rows of {args.dataset.name}:")
     print("| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | sections | length ratio |")

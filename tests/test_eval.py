@@ -84,6 +84,15 @@ def test_read_pairs(tmp_path: Path) -> None:
         read_pairs(bad)
 
 
+def test_read_pairs_of_one_split() -> None:
+    valid = read_pairs(DATA, split="valid")
+    assert len(valid.pairs) == 13 and all(i.startswith("valid/") for i in valid.ids) and valid.total_rows == 40
+    assert read_pairs(DATA, limit=2, split="valid").ids == valid.ids[:2]  # the split first, then the limit
+    with pytest.raises(InvalidInputError, match="no row of split 'test'") as exc:
+        read_pairs(DATA, split="test")
+    assert exc.value.hint == "Its splits: train, valid."
+
+
 # -- eval end to end on a tiny model -----------------------------------------------------------------
 @pytest.fixture
 def tiny(home: Path, tmp_path: Path, cli: Cli) -> dict[str, str]:

@@ -112,6 +112,9 @@ def eval_(
     dataset: Path = typer.Option(..., "--dataset", help="JSONL of {'id', 'dialogue', 'note'} rows."),
     task: Optional[str] = typer.Option(None, "--task", help="The recipe's task prompt (default: discharge-summary)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N rows."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Score only the rows whose id starts with SPLIT/ (e.g. valid), before --limit."
+    ),
     concurrency: int = typer.Option(1, "--concurrency", "-c", min=1, help="Requests in flight at once."),
     max_tokens: Optional[int] = typer.Option(
         None, "--max-tokens", min=1, help=f"Output budget per note (default: the task's, else {DEFAULT_MAX_TOKENS})."
@@ -137,7 +140,7 @@ def eval_(
     the bundle digest and the dataset's sha256 under $MLSERVE_HOME/evals/NAME/VERSION/, where
     `show`, `history` and `promote --require-eval latest` find it. Exit 1 when no request completed.
     """
-    pairs = read_pairs(dataset, limit)
+    pairs = read_pairs(dataset, limit, split)
     store = Store()
     env: dict[str, Any] = machine()
 

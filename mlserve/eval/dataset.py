@@ -61,10 +61,22 @@ class PairSet:
         return [p.id for p in self.pairs]
 
 
-def read_pairs(path: Path, limit: int | None = None) -> PairSet:
-    """The first ``limit`` rows (all when None) as dialogue -> note pairs; each row needs both strings."""
+def read_pairs(path: Path, limit: int | None = None, split: str | None = None) -> PairSet:
+    """The first ``limit`` rows (all when None) as dialogue -> note pairs; each row needs both strings.
+
+    ``split`` keeps only the rows whose id starts with ``SPLIT/`` (``valid/D2N068``), before the limit.
+    """
     rows = read_dataset(path)
-    chosen = rows if limit is None else rows[:limit]
+    chosen = rows
+    if split is not None:
+        chosen = [row for row in rows if str(row.get("id", "")).startswith(f"{split}/")]
+        if not chosen:
+            splits = sorted({str(r.get("id", "")).split("/")[0] for r in rows if "/" in str(r.get("id", ""))})
+            raise InvalidInputError(
+                f"{path} has no row of split {split!r}.",
+                f"Its splits: {', '.join(splits)}." if splits else "Its row ids carry no SPLIT/ prefix.",
+            )
+    chosen = chosen if limit is None else chosen[:limit]
     pairs = []
     for n, row in enumerate(chosen, 1):
         dialogue, note = row.get("dialogue"), row.get("note")

@@ -11,6 +11,7 @@ from mlserve.cli import (
     eval_cmd,  # noqa: F401
     health_cmd,  # noqa: F401
     keys_cmd,  # noqa: F401
+    kit_cmd,  # noqa: F401
     pull_cmd,  # noqa: F401
     serve_cmd,  # noqa: F401
     store_cmds,  # noqa: F401  (registers commands)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mlserve import config
 from mlserve.errors import NotFoundError, RecipeError
 from mlserve.names import NAME_RE
 
 WHEEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*")
+# The KV cache types llama.cpp accepts (mlserve/engine/llama/gpu.py maps them to ggml types).
+KVCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+GPU_KEYS = ("flash_attn", "cache_type_k", "cache_type_v", "split_mode", "tensor_split", "main_gpu")
 HF_RE = re.compile(r"hf://(?P<repo>[^/@\s]+/[^/@\s]+)/(?P<file>[^@\s]+\.gguf)(?:@(?P<revision>[^\s]+))?")
 
 
@@ -71,6 +83,29 @@ class Defaults(_Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     min_p: float = Field(0.05, ge=0, le=1)
     repeat_penalty: float = Field(1.0, gt=0)
+    # GPU defaults (serve's flags of the same names); unset ones stay out of the manifest. On a
+    # CPU-only build a recipe's offload settings are skipped with a warning, so one recipe serves both.
+    flash_attn: Literal["on", "off", "auto"] | None = None
+    cache_type_k: KVCacheType | None = None
+    cache_type_v: KVCacheType | None = None
+    split_mode: Literal["none", "layer", "row"] | None = None
+    tensor_split: list[float] | None = Field(None, min_length=1)
+    main_gpu: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _v_cache_needs_flash(self) -> Defaults:
+        if self.cache_type_v not in (None, "f16", "bf16", "f32") and self.flash_attn != "on":
+            raise ValueError("a quantized cache_type_v needs flash_attn: on")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_gpu(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """GPU keys only when set, so a manifest without them reads exactly as before they existed."""
+        data: dict[str, Any] = handler(self)
+        for key in GPU_KEYS:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class TaskPrompt(_Strict):

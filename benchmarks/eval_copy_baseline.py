@@ -1,6 +1,6 @@
 """ACI-Bench's floor, measured with `mlserve eval`'s own scorer: the transcript itself, copied as the note.
 
-    python benchmarks/eval_copy_baseline.py [--dataset benchmarks/data/dialogue-to-note.jsonl] [--limit 20] [--split valid]
+    python benchmarks/eval_copy_baseline.py [--dataset FILE.jsonl] [--limit 20] [--split valid]
 
 Prints the same score means `mlserve eval` reports (ROUGE F1 with stemming, section coverage,
 length ratio), so a model's table can sit beside it.

@@ -122,7 +122,9 @@ def summarize(
     }
     out.update(_stats("ttft_ms", [r.ttft for r in done]))
     out.update(_stats("tpot_ms", [r.tpot for r in done if r.output_tokens > 1]))
-    out.update(_stats("itl_ms", [gap for r in done for gap in r.itl]))
+    gaps = [gap for r in done for gap in r.itl]
+    out.update(_stats("itl_ms", gaps))
+    out["max_itl_ms"] = max(gaps, default=0.0) * 1000  # the longest freeze a reader saw
     out.update(_stats("e2el_ms", [r.e2el for r in done]))
     out = {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in out.items()}
     if slo:

@@ -20,6 +20,7 @@ ROWS: tuple[tuple[str, str], ...] = (
         for metric, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL"))
         for stat, prefix in (("Mean", "mean"), ("Median", "median"), ("P99", "p99"))
     ),
+    ("Max ITL (ms)", "max_itl_ms"),
 )
 
 

@@ -73,7 +73,10 @@ async def run_async(plan: Plan, hooks: Hooks | None = None) -> list[dict[str, An
             if hooks.level_start:
                 hooks.level_start(level, len(bodies))
             # Each level's prompts start differently, so no level times a prefix cached by the one before.
-            sent = bodies if index == 0 else [salted(b, f"Run {index + 1}. ") for b in bodies]
+            if plan.workload.per_level:
+                sent = plan.workload.per_level[index]
+            else:
+                sent = bodies if index == 0 else [salted(b, f"Run {index + 1}. ") for b in bodies]
             results, duration = await gen.run(level, sent, plan.burstiness, plan.seed, hooks.result)
             summary = summarize(
                 results,

@@ -31,6 +31,9 @@ class Workload:
     route: str  # e.g. "/v1/completions", "/v1/chat/completions", "/api/chat", "/v1/messages"
     bodies: list[bytes]
     description: str
+    # Dataset runs: each level's own rows (fresh dialogues, no prompt cached by an earlier level);
+    # empty: every level sends ``bodies`` with a per-level prefix.
+    per_level: tuple[list[bytes], ...] = ()
 
 
 def synthetic_prompt(rng: random.Random, n_tokens: int, index: int) -> str:
@@ -78,13 +81,21 @@ def dataset(
     system: str | None = None,
     temperature: float | None = None,
     api: str = "openai",
+    levels: int = 1,
 ) -> Workload:
-    """Chat requests from a JSONL dataset, cycling through its rows; dialogues get a summarisation prompt."""
+    """Chat requests from a JSONL dataset; dialogues get a summarisation prompt.
+
+    Level i sends rows ``i*num_prompts`` onward, so each level gets fresh dialogues while the
+    dataset lasts; past that, every level sends the first rows (the runner prefixes them per level).
+    """
     proto = APIS[api]
     rows = read_dataset(path)
     sys_prompt = system or DEFAULT_SYSTEM
-    bodies = [
-        _encode(proto.chat_body(model, _messages(rows[i % len(rows)], sys_prompt), output_len, temperature))
-        for i in range(num_prompts)
-    ]
-    return Workload(proto.chat_route, bodies, f"{path.name} ({len(rows)} rows), {output_len} out tokens max")
+
+    def body(i: int) -> bytes:
+        return _encode(proto.chat_body(model, _messages(rows[i % len(rows)], sys_prompt), output_len, temperature))
+
+    fresh = max(1, levels) * num_prompts <= len(rows)
+    per_level = tuple([body(lv * num_prompts + i) for i in range(num_prompts)] for lv in range(levels)) if fresh else ()
+    about = f"{path.name} ({len(rows)} rows{', fresh rows per level' if fresh else ''}), {output_len} out tokens max"
+    return Workload(proto.chat_route, [body(i) for i in range(num_prompts)], about, per_level)

@@ -138,6 +138,23 @@ def _ref_env(bundle: Bundle, threads: Optional[int], gpu_layers: Optional[int]) 
         "llama_cpp": f"llama-cpp-python {build.version}; {build.system_info}",
         "gpu_offload": build.gpu_offload,
         "gpu_layers": config.gpu_layers,
+        "device": _device(),
+    }
+
+
+def _device() -> dict[str, Any]:
+    """What ran the model: backend, GPUs, and the CPU features the build needs beside those the host has."""
+    from mlserve.bench.sysinfo import cpu_features
+    from mlserve.engine.llama.hardware import facts, needed_features
+
+    found = facts()
+    gpus = [f"{d['name']} ({d['description']}, {d['total']} bytes)" for d in found.gpus()]
+    return {
+        "backend": found.backend,
+        "gpus": gpus,
+        "cpu_dispatch": found.dispatch,
+        "cpu_needs": needed_features(found),
+        "cpu_has": [k for k, v in cpu_features().items() if v],
     }
 
 
@@ -153,9 +170,21 @@ def _workload(model: str, opts: dict[str, Any], bundle: Bundle | None) -> Worklo
             opts["api"],
         )
     prompts = bundle.manifest.get("serving", {}).get("prompts", {}) if bundle else {}
-    system = (prompts.get(TASK) or {}).get("system")
+    task = opts["task"]
+    if task is not None and task not in prompts:
+        known = ", ".join(sorted(prompts)) or "none"
+        where = f"{bundle.ref}'s recipe has" if bundle else "a URL target has no recipe, so there are"
+        raise UsageError(f"--task {task}: {where} no such task prompt (tasks: {known}).", "Give a REF target.")
+    system = (prompts.get(task or TASK) or {}).get("system")
     return dataset(
-        model, opts["dataset"], opts["num_prompts"], opts["output_len"], system, opts["temperature"], opts["api"]
+        model,
+        opts["dataset"],
+        opts["num_prompts"],
+        opts["output_len"],
+        system,
+        opts["temperature"],
+        opts["api"],
+        levels=len(opts["levels"]),
     )
 
 
@@ -225,6 +254,12 @@ def bench(
     dataset_file: Optional[Path] = typer.Option(
         None, "--dataset", help="JSONL with 'dialogue', 'prompt' or 'messages' per line (sent as chat)."
     ),
+    task: Optional[str] = typer.Option(
+        None,
+        "--task",
+        help="With --dataset and a REF: the recipe's task prompt to send with each dialogue (default: "
+        "discharge-summary when the recipe has it). Each level gets its own rows while the dataset lasts.",
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="Model id to send (default: first of /v1/models)."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Requests sent first and not counted."),
     slo: list[str] = typer.Option([], "--slo", help=SLO_HELP),
@@ -268,6 +303,8 @@ def bench(
         _emit(doc, as_json, output, [_offline_table(doc)])
         return
     levels = levels_from(_ints(concurrency or "", "--concurrency"), _floats(request_rate, "--request-rate"))
+    if task is not None and dataset_file is None:
+        raise UsageError("--task picks the prompt sent with each dataset row; give --dataset FILE.jsonl too.")
     opts: dict[str, Any] = {
         "target": target,
         "levels": levels,
@@ -275,6 +312,7 @@ def bench(
         "input_len": input_len,
         "output_len": output_len,
         "dataset": dataset_file,
+        "task": task,
         "model": model,
         "warmup": warmup,
         "slo": slo_map,
@@ -287,7 +325,7 @@ def bench(
     }
     env: dict[str, Any] = {**machine(), "api": api.value}
     if is_url:
-        env.update({"server": "remote", "threads": None, "llama_cpp": None, "gpu_offload": None})
+        env.update({"server": "remote", "threads": None, "llama_cpp": None, "gpu_offload": None, "device": None})
         doc = _bench_url(target.rstrip("/"), None, env, opts)
     else:
         bundle = Store().resolve(target)

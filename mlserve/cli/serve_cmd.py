@@ -57,8 +57,29 @@ def serve(
         None, "--ctx-size", min=16, help="Context (KV cells) per sequence (default: the recipe's, else 4096)."
     ),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all available)."),
-    gpu_layers: Optional[int] = typer.Option(
-        None, "--gpu-layers", min=-1, help="Layers to offload to the GPU (default: the recipe's, else 0)."
+    gpu_layers: Optional[str] = typer.Option(
+        None,
+        "--gpu-layers",
+        help="Layers offloaded to the GPU: N, all (or -1), or auto (all that fit; 0 without a GPU). "
+        "Default: the recipe's, else 0.",
+    ),
+    flash_attn: Optional[str] = typer.Option(
+        None, "--flash-attn", help="Flash attention: on, off or auto (default: the recipe's, else auto)."
+    ),
+    cache_type_k: Optional[str] = typer.Option(
+        None, "--cache-type-k", help="K cache type: f16 (default), bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl."
+    ),
+    cache_type_v: Optional[str] = typer.Option(
+        None, "--cache-type-v", help="V cache type, as --cache-type-k; a quantized one needs --flash-attn on."
+    ),
+    split_mode: Optional[str] = typer.Option(
+        None, "--split-mode", help="How several GPUs share the model: none, layer (default) or row."
+    ),
+    tensor_split: Optional[str] = typer.Option(
+        None, "--tensor-split", help="Each GPU's share of the weights, e.g. 3,1 (one number per GPU)."
+    ),
+    main_gpu: Optional[int] = typer.Option(
+        None, "--main-gpu", help="The GPU for the whole model with --split-mode none (default 0)."
     ),
     request_timeout: float = typer.Option(
         600.0, "--request-timeout", envvar="MLSERVE_REQUEST_TIMEOUT", min=0, help="Per-request deadline (0: none)."
@@ -111,6 +132,22 @@ def serve(
         max=1 << 20,
         help="Longest embeddings input, in tokens (default 512); memory grows with it (~1 MiB a token for Gemma).",
     ),
+    max_step_ms: Optional[float] = typer.Option(
+        None,
+        "--max-step-ms",
+        min=10,
+        help="Target time of a decode step while streams run (default 100): bounds the prompt tokens a newcomer "
+        "adds per step, so others' tokens keep flowing. Lower: steadier streams, later first tokens.",
+    ),
+    speculate: Optional[bool] = typer.Option(
+        None,
+        "--speculate/--no-speculate",
+        help="Prompt-lookup speculative decoding: verify drafts copied from the request's own prompt and output "
+        "(default on; never for deterministic or structured-output requests).",
+    ),
+    draft_max: Optional[int] = typer.Option(
+        None, "--draft-max", min=1, max=32, help="Most draft tokens a sequence verifies per step (default 8)."
+    ),
     route_prefix: Optional[str] = typer.Option(
         None,
         "--route-prefix",
@@ -143,6 +180,7 @@ def serve(
             )
         serve_security.check_chat_template(store, bundle)
     from mlserve.engine.llama.factory import Overrides
+    from mlserve.engine.llama.gpu import parse_gpu_layers, parse_tensor_split
     from mlserve.server.app import create_app
     from mlserve.server.run import serve as run_server
     from mlserve.server.settings import ServerSettings
@@ -151,11 +189,20 @@ def serve(
         ctx_size=ctx_size,
         parallel=parallel,
         threads=threads,
-        gpu_layers=gpu_layers,
+        gpu_layers=parse_gpu_layers(gpu_layers) if gpu_layers is not None else None,
         max_queue=max_queue,
         parse_special_content=parse_special,
         embeddings=embeddings,
         embeddings_ctx=embeddings_ctx,
+        max_step_ms=max_step_ms,
+        speculate=speculate,
+        draft_max=draft_max,
+        flash_attn=flash_attn,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        split_mode=split_mode,
+        tensor_split=parse_tensor_split(tensor_split) if tensor_split is not None else None,
+        main_gpu=main_gpu,
     )
     from mlserve.serving.asgi import served_model
 

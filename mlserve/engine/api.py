@@ -88,6 +88,9 @@ class GenerationRequest:
     # Decoded alone: no other sequence in its llama_decode calls, no prefix reuse, fixed prompt
     # chunks, so the same greedy (or seeded) request gives the same bytes under any load.
     deterministic: bool = False
+    # Prompt-lookup drafts may be verified for it (when the model is served with speculation; never
+    # for deterministic or grammar-constrained requests); False: the request opted out.
+    speculate: bool = True
     submitted_at: float = 0.0  # set by the engine when queued
     admitted_at: float = 0.0  # set by the scheduler when it gets a sequence slot
 
@@ -137,6 +140,11 @@ class StepStats:
     prefix_tokens_reused: int = 0
     decode_retries: int = 0  # llama_decode calls retried with a smaller batch (no KV slot)
     sequences_failed: int = 0  # sequences failed by a llama_decode error while the engine lived on
+    # Prompt-lookup speculation: drafted tokens verified, those the model accepted, and the
+    # verifications (steps of one sequence with at least one draft).
+    draft_tokens: int = 0
+    draft_accepted: int = 0
+    draft_verifications: int = 0
     # Embeddings (``serve --embeddings``), written by the embeddings thread: llama_decode calls, the
     # inputs they held, and embed_hist[i]: calls with at most EMBED_BUCKETS[i] inputs (last slot: more).
     embed_decodes: int = 0

@@ -14,14 +14,13 @@ so the others keep going. Its slot is cleared (no prefix reuse; cells placed fro
 its own KV stream, not ``kv_unified``), and a decode error fails it rather than retry in other
 chunks: its inputs to llama.cpp, and so its bytes, are those of an idle server.
 
-Decode errors: "no KV slot" (rc 1) is retried with a smaller batch, down to one sequence,
-which alone then fails; any other code fails the sequences in that batch. The engine dies
-only when the model raises something else, or decodes keep failing (``FATAL_AFTER``).
+How one step's batch is packed (prompt chunks sized by a step-time target, prompt-lookup
+drafts verified beside the other sequences' tokens) and how decode errors are recovered is
+``batching.BatchedSteps``' job.
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections import deque
@@ -29,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 from mlserve.engine.api import (
-    BATCH_BUCKETS,
     DeadlineExceeded,
     ErrorEvent,
     Event,
@@ -42,46 +40,35 @@ from mlserve.engine.api import (
     TokenEvent,
     Unavailable,
 )
+from mlserve.engine.batching import FATAL_AFTER, BatchedSteps, Out, Seq, slot_of
 from mlserve.engine.decode import NO_KV_SLOT, DecodeError, DecodeModel
+from mlserve.engine.prefill import MIN_CHUNK, StepCost
 from mlserve.engine.slots import MIN_REUSE, Slots
-from mlserve.engine.stops import TextOut
+from mlserve.engine.speculate import Drafter
+from mlserve.engine.tuning import Tuning
 
-FATAL_AFTER = 4  # decode calls failing in a row (none succeeding) that mean the context is unusable
 UNLOADED = "The model was unloaded."
 Deliver = Callable[[list[tuple[Any, Event]]], None]
-Out = list[tuple[Any, Event]]
 _SUBMIT, _ABORT, _STOP = 0, 1, 2
 
 
-class _Seq:
-    """The scheduler's state for one request."""
-
-    __slots__ = ("req", "sink", "slot", "prefilled", "n_past", "last", "generated", "sampler", "text", "out_tokens")
-
-    def __init__(self, req: GenerationRequest, sink: Any) -> None:
-        self.req = req
-        self.sink = sink
-        self.slot = -1
-        self.prefilled = 0
-        self.n_past = 0
-        self.last = -1
-        self.generated = 0
-        self.sampler: Any = None
-        self.text = TextOut(req.sampling.stop)
-        self.out_tokens: list[int] = []
-
-
-def _slot_of(seq: _Seq) -> int:
-    return seq.slot
-
-
-class Scheduler:
+class Scheduler(BatchedSteps):
     """Owns the model's context on one thread; requests arrive through ``submit``."""
 
-    def __init__(self, model: DecodeModel, deliver: Deliver, max_queue: int) -> None:
+    def __init__(
+        self,
+        model: DecodeModel,
+        deliver: Deliver,
+        max_queue: int,
+        tuning: Tuning | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.model = model
         self.deliver = deliver
         self.max_queue = max_queue
+        self.tuning = tuning or Tuning()
+        self.cost = StepCost()  # measured cost of a decode call: sizes prompt chunks and drafts
+        self._clock = clock  # injected by tests: a fake model can charge time per token without sleeping
         self.stats = StepStats()
         self.failed: str | None = None  # why the thread died (None while it lives or after a clean stop)
         self._inbox: deque[tuple[int, Any]] = deque()
@@ -89,10 +76,11 @@ class Scheduler:
         self._lock = threading.Lock()  # guards _outstanding and _closed only; never held while decoding
         self._outstanding = 0  # submitted and not yet ended
         self._closed: str | None = None  # why new requests are refused
-        self._pending: deque[_Seq] = deque()
-        self._active: list[_Seq] = []
+        self._pending: deque[Seq] = deque()
+        self._active: list[Seq] = []
         self._slots = Slots(model, self.stats)
         self._prefill_cap = model.n_batch  # prompt tokens per step; halved on "no KV slot", regrown after
+        self._last_chunk = MIN_CHUNK  # grows chunks beside streams gradually (batching._chunks)
         self._failures_in_row = 0
         self._thread = threading.Thread(target=self._run, name="mlserve-engine", daemon=True)
 
@@ -116,7 +104,7 @@ class Scheduler:
                 raise Overloaded(f"The model's queue is full ({waiting} waiting); try again shortly.")
             self._outstanding += 1
             req.submitted_at = time.monotonic()
-            self._inbox.append((_SUBMIT, _Seq(req, sink)))
+            self._inbox.append((_SUBMIT, Seq(req, sink)))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -216,7 +204,7 @@ class Scheduler:
         return True
 
     def _drop_pending(self, aborted: set[str], now: float, out: Out) -> None:
-        keep: deque[_Seq] = deque()
+        keep: deque[Seq] = deque()
         for seq in self._pending:
             if seq.req.id in aborted:
                 out.append((seq.sink, ErrorEvent(GenerationFailed("The request was aborted."))))
@@ -234,24 +222,28 @@ class Scheduler:
             seq.req.admitted_at = now
             self._active.append(seq)
 
-    def _assign_slot(self, seq: _Seq) -> None:
-        seq.slot, reuse = self._slots.take(seq.req.prompt_tokens, seq.req.deterministic)
+    def _assign_slot(self, seq: Seq) -> None:
+        req = seq.req
+        seq.slot, reuse = self._slots.take(req.prompt_tokens, req.deterministic)
         seq.prefilled = seq.n_past = reuse
+        # Deterministic requests keep their idle-server bytes; a grammar's state is not proven under drafts.
+        if self.tuning.speculate and req.speculate and not req.deterministic and req.sampling.grammar is None:
+            seq.spec = Drafter(list(req.prompt_tokens))
 
     # -- decoding ---------------------------------------------------------------------
     def _decode_step(self, out: Out) -> None:
-        self._active.sort(key=_slot_of)  # ascending sequence ids: one ubatch, not several
+        self._active.sort(key=slot_of)  # ascending sequence ids: one ubatch, not several
         alone = [s for s in self._active if s.req.deterministic]
         gen = [s for s in self._active if s.prefilled == len(s.req.prompt_tokens) and not s.req.deterministic]
         n = self.model.n_batch
         while len(gen) > n:  # more sequences than one batch holds (parallel > batch): several calls
-            self._decode(gen[:n], 0, out)
+            self._decode(gen[:n], 0, out, drafts=False)
             gen = gen[n:]
-        self._decode(gen, min(self._prefill_cap, n - len(gen)), out)
+        self._decode(gen, self._prefill_cap, out)
         for seq in alone:
             self._decode_alone(seq, out)
 
-    def _decode_alone(self, seq: _Seq, out: Out) -> None:
+    def _decode_alone(self, seq: Seq, out: Out) -> None:
         """One call for a deterministic sequence only: its next prompt chunk of n_batch tokens, or its next token."""
         prompt, start = seq.req.prompt_tokens, seq.prefilled
         tokens = prompt[start : start + self.model.n_batch] if start < len(prompt) else [seq.last]
@@ -276,88 +268,12 @@ class Scheduler:
                 seq.sampler = self.model.new_sampler(seq.req.sampling)
             self._on_token(seq, self.model.sample(seq.sampler, len(tokens) - 1), out)
 
-    def _decode(self, gen: list[_Seq], budget: int, out: Out) -> None:
-        """Decode ``gen``'s next tokens plus up to ``budget`` prompt tokens; sample what completes."""
-        tokens = [s.last for s in gen]
-        pos = [s.n_past for s in gen]
-        seqs = [s.slot for s in gen]
-        want = [True] * len(gen)
-        sample_at = list(zip(gen, range(len(gen)), strict=True))
-        chunks: list[tuple[_Seq, int]] = []
-        for seq in self._active:
-            remaining = len(seq.req.prompt_tokens) - seq.prefilled
-            if remaining <= 0 or budget <= 0 or seq.req.deterministic:
-                continue
-            take = min(budget, remaining)
-            start = seq.prefilled
-            tokens.extend(seq.req.prompt_tokens[start : start + take])
-            pos.extend(range(start, start + take))
-            seqs.extend([seq.slot] * take)
-            want.extend([False] * take)
-            if take == remaining:
-                want[-1] = True
-                sample_at.append((seq, len(tokens) - 1))
-            chunks.append((seq, take))
-            budget -= take
-        if not tokens:
-            return
-        try:
-            self.model.decode(tokens, pos, seqs, want)
-        except DecodeError as exc:
-            self._on_decode_error(exc, gen, chunks, out)
-            return
-        self._failures_in_row = 0
-        self._prefill_cap = min(self.model.n_batch, self._prefill_cap * 2)
-        self._count_step(len(tokens))
-        for seq, take in chunks:
-            seq.prefilled += take
-            seq.n_past += take
-        for seq in gen:
-            seq.n_past += 1
-        m = self.model
-        for seq, index in sample_at:
-            if seq.sampler is None:
-                seq.sampler = m.new_sampler(seq.req.sampling)
-            self._on_token(seq, m.sample(seq.sampler, index), out)
-
-    def _count_step(self, n_tokens: int) -> None:
-        st = self.stats
-        st.steps += 1
-        st.last_batch_tokens = n_tokens
-        st.batch_tokens_total += n_tokens
-        st.batch_hist[bisect.bisect_left(BATCH_BUCKETS, n_tokens)] += 1
-
-    def _on_decode_error(self, exc: DecodeError, gen: list[_Seq], chunks: list[tuple[_Seq, int]], out: Out) -> None:
-        # Forget any cells the failed call left behind, so a retry starts from known positions.
-        for seq in gen:
-            self.model.clear_seq(seq.slot, seq.n_past)
-        for seq, _ in chunks:
-            self.model.clear_seq(seq.slot, seq.prefilled)
-        st = self.stats
-        prompt_tokens = sum(take for _, take in chunks)
-        if exc.rc == NO_KV_SLOT and prompt_tokens > 1:
-            st.decode_retries += 1
-            self._prefill_cap = max(1, prompt_tokens // 2)
-            self._decode(gen, self._prefill_cap, out)
-        elif exc.rc == NO_KV_SLOT and len(gen) + len(chunks) > 1:
-            # Two smaller groups; the one-token prompt chunk goes with the second.
-            st.decode_retries += 1
-            half = (len(gen) + 1) // 2
-            self._decode(gen[:half], 0, out)
-            self._decode(gen[half:], prompt_tokens, out)
-        else:
-            if exc.rc != NO_KV_SLOT:
-                self._failures_in_row += 1
-                if self._failures_in_row >= FATAL_AFTER:
-                    raise exc
-            error = GenerationFailed(f"The model could not decode this request: {exc.message}")
-            for seq in gen + [s for s, _ in chunks]:
-                self._fail(seq, error, out, broken=True)
-
-    def _on_token(self, seq: _Seq, token: int, out: Out) -> None:
+    def _on_token(self, seq: Seq, token: int, out: Out) -> None:
         seq.generated += 1
         seq.last = token
         seq.out_tokens.append(token)
+        if seq.spec is not None:
+            seq.spec.history.append(token)
         if self.model.is_eog(token):
             self._finish(seq, "stop", out, seq.text.flush())
             return
@@ -369,18 +285,18 @@ class Scheduler:
         else:
             out.append((seq.sink, TokenEvent(text, 1)))
 
-    def _finish(self, seq: _Seq, reason: str, out: Out, tail: str) -> None:
+    def _finish(self, seq: Seq, reason: str, out: Out, tail: str) -> None:
         out.append((seq.sink, FinishEvent(reason, len(seq.req.prompt_tokens), seq.generated, tail, seq.text.hit)))
         self._release(seq, keep_cells=True)
 
-    def _fail(self, seq: _Seq, error: RequestError, out: Out, *, broken: bool = False) -> None:
+    def _fail(self, seq: Seq, error: RequestError, out: Out, *, broken: bool = False) -> None:
         """End ``seq`` with an error; ``broken``: a decode failed it, so its cells are not trusted."""
         out.append((seq.sink, ErrorEvent(error)))
         if broken:
             self.stats.sequences_failed += 1
         self._release(seq, keep_cells=not broken)
 
-    def _release(self, seq: _Seq, *, keep_cells: bool) -> None:
+    def _release(self, seq: Seq, *, keep_cells: bool) -> None:
         if seq.sampler is not None:
             self.model.free_sampler(seq.sampler)
             seq.sampler = None
@@ -390,4 +306,4 @@ class Scheduler:
         self._ended(1)
 
 
-__all__ = ["MIN_REUSE", "Scheduler", "StepStats"]
+__all__ = ["FATAL_AFTER", "MIN_REUSE", "Scheduler", "StepStats"]

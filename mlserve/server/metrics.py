@@ -34,6 +34,15 @@ class _EngineCollector(Collector):
         reused = CounterMetricFamily(
             "mlserve_prefix_cache_tokens", "Prompt tokens taken from the prefix cache", labels=["model"]
         )
+        drafted = CounterMetricFamily(
+            "mlserve_speculative_draft_tokens", "Prompt-lookup draft tokens verified", labels=["model"]
+        )
+        accepted = CounterMetricFamily(
+            "mlserve_speculative_accepted_tokens", "Draft tokens the model accepted", labels=["model"]
+        )
+        verified = CounterMetricFamily(
+            "mlserve_speculative_verifications", "Sequence steps that verified at least one draft", labels=["model"]
+        )
         sizes = HistogramMetricFamily(
             "mlserve_batch_size_tokens",
             "Tokens per llama_decode step (decode tokens plus prompt chunks)",
@@ -59,7 +68,10 @@ class _EngineCollector(Collector):
             tokens.add_metric([model], st.batch_tokens_total)
             hits.add_metric([model], st.prefix_hits)
             reused.add_metric([model], st.prefix_tokens_reused)
-        yield from (active, queued, cells, last, steps, tokens, hits, reused, sizes, embed)
+            drafted.add_metric([model], st.draft_tokens)
+            accepted.add_metric([model], st.draft_accepted)
+            verified.add_metric([model], st.draft_verifications)
+        yield from (active, queued, cells, last, steps, tokens, hits, reused, drafted, accepted, verified, sizes, embed)
 
 
 def _buckets(bounds: tuple[int, ...], counts: list[int]) -> list[tuple[str, int]]:

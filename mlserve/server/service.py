@@ -65,6 +65,7 @@ class Params:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     deterministic: bool = False  # decoded alone, so the same request gives the same bytes under any load
+    speculate: bool = True  # prompt-lookup drafts may be verified (``"mlserve": {"speculate": false}``: not)
     # A JSON Schema the output must match, enforced by a grammar (never ignored: a schema the grammar
     # cannot enforce is a 400 naming the keyword). {"type": "object"} means any JSON object.
     json_schema: dict[str, Any] | None = None
@@ -135,7 +136,13 @@ class InferenceService:
         deadline = time.monotonic() + timeout if timeout else None
         # The engine's id is unique even when clients reuse an x-request-id, so an abort hits one request.
         req = GenerationRequest(
-            f"{ctx.id}.{uuid.uuid4().hex[:8]}", tokens, sampling, explicit, deadline, params.deterministic
+            f"{ctx.id}.{uuid.uuid4().hex[:8]}",
+            tokens,
+            sampling,
+            explicit,
+            deadline,
+            params.deterministic,
+            speculate=params.speculate,
         )
         generation = Generation(request, ctx, model, req, state)
         await generation.begin()

@@ -6,6 +6,9 @@ keeps real per-sequence KV bookkeeping: it asserts every decoded position extend
 sequence's cells without a gap, so a scheduler that loses track of positions fails loudly.
 Failures are scripted: ``fail_at`` (call index -> rc), ``fail_when`` (a predicate on the
 batch), ``max_tokens`` (rc 1 for bigger batches, like a cache with no room) and ``raise_at``.
+Time is simulated: each decode advances ``now`` by ``ms_fixed`` per micro-batch (as llama.cpp
+splits a batch: one per distinct run length of the sequences in it) plus ``ms_per_token`` per
+token (``clock`` reads it), so the scheduler's step-cost policy is tested without sleeping.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ class FakeDecodeModel:
     cells: dict[int, list[int]] = field(default_factory=dict)
     samplers: list[FakeSampler] = field(default_factory=list)
     floor: dict[int, int] = field(default_factory=dict)  # sliding window: positions below are pruned
+    ms_fixed: float = 20.0  # simulated cost of one micro-batch ...
+    ms_per_token: float = 4.0  # ... plus this per token in it ...
+    ms_per_logits: float = 0.0  # ... plus this per token whose logits are wanted
+    now: float = 0.0  # simulated seconds
+    step_ms: list[float] = field(default_factory=list)  # the simulated cost of each successful decode
     _last: Call | None = None
 
     # -- DecodeModel ---------------------------------------------------------------
@@ -88,6 +96,14 @@ class FakeDecodeModel:
             if self.n_swa:
                 self.floor[s] = max(self.floor.get(s, 0), p + 1 - self.n_swa)
         self._last = call
+        ubatches = len({seqs.count(s) for s in set(seqs)})
+        cost = self.ms_fixed * ubatches + self.ms_per_token * len(tokens) + self.ms_per_logits * sum(want)
+        self.now += cost / 1000
+        self.step_ms.append(cost)
+
+    def clock(self) -> float:
+        """Simulated seconds (pass as the scheduler's clock)."""
+        return self.now
 
     def new_sampler(self, cfg: Any) -> FakeSampler:
         """A sampler record."""

@@ -6,7 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlserve.engine.llama.gpu import GpuSettings
 from mlserve.engine.llama.model import LlamaModel
+from mlserve.engine.tuning import Tuning
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,7 @@ class EngineConfig:
     ctx_size: int = 4096
     parallel: int = 8
     threads: int | None = None
-    gpu_layers: int = 0
+    gpu_layers: int | str = 0  # N, "all" (-1) or "auto"
     max_queue: int = 64
     batch: int = 512
     kv_unified: bool = False
@@ -31,6 +33,11 @@ class EngineConfig:
     # embeddings_ctx bounds one input and one embeddings decode (see embed_context.py).
     embeddings: bool = False
     embeddings_ctx: int = 512
+    # The batching scheduler: step-time target while streams run, prompt-lookup speculation (tuning.py).
+    tuning: Tuning = Tuning()
+    # serve's GPU/KV-cache flags, checked by factory.engine_config before anything loads; the layer
+    # count above wins over gpu.gpu_layers, so an EngineConfig built by hand keeps its meaning.
+    gpu: GpuSettings = GpuSettings()
 
 
 def default_threads() -> int:
@@ -43,12 +50,16 @@ def default_threads() -> int:
 
 def load_model(config: EngineConfig) -> LlamaModel:
     """Validate the GGUF and load it with ``parallel`` sequences of ``ctx_size`` cells (blocking)."""
+    from mlserve.engine.llama.hardware import load_params
+
+    n_gpu_layers, params = load_params(config)
     return LlamaModel(
         config.model_path,
         n_ctx_seq=config.ctx_size,
         n_seq=config.parallel,
         n_threads=config.threads or default_threads(),
-        n_gpu_layers=config.gpu_layers,
+        n_gpu_layers=n_gpu_layers,
         n_batch=config.batch,
         kv_unified=config.kv_unified,
+        load=params,
     )

@@ -70,7 +70,7 @@ class LlamaEngine:
         self._loop = asyncio.get_running_loop()
         try:
             self._model = await asyncio.to_thread(self._load)
-            self._scheduler = Scheduler(self._model, self._deliver, self.config.max_queue)
+            self._scheduler = Scheduler(self._model, self._deliver, self.config.max_queue, self.config.tuning)
             self._scheduler.start()
             await self._warm_up(self._model)
             if self.config.embeddings:

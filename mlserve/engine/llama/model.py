@@ -8,6 +8,7 @@ parser before llama.cpp opens it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ _LIST_CHUNK = 1 << 16
 _GATED = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN
 _init_lock = threading.Lock()
 _initialised = False
+LIB_DIR = Path(ll.__file__).parent / "lib"  # llama-cpp-python's shared libraries (and a portable build's CPU variants)
 
 
 @ll.llama_log_callback  # type: ignore[untyped-decorator]
@@ -45,8 +47,52 @@ def _backend_init() -> None:
         if not _initialised:
             if os.environ.get("MLSERVE_LLAMA_LOG", "") in ("", "0"):
                 ll.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            _load_dynamic_backends()
             ll.llama_backend_init()
             _initialised = True
+
+
+@functools.cache
+def _ggml() -> Any:
+    """The ggml library libllama itself uses, with the backend-registry calls typed.
+
+    The wheel holds libggml.so, .so.0 and .so.0.x as three copies (zip has no symlinks), each
+    with its own backend registry; libllama links the soname, so that copy is the one to ask.
+    """
+    soname = LIB_DIR / "libggml.so.0"
+    if soname.exists():
+        lib = ctypes.CDLL(str(soname))  # already mapped by libllama: the same handle comes back
+    else:
+        from llama_cpp._ggml import libggml as lib
+
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    for name, res, args in (
+        ("ggml_backend_reg_count", sz, []),
+        ("ggml_backend_reg_get", vp, [sz]),
+        ("ggml_backend_reg_name", ctypes.c_char_p, [vp]),
+        ("ggml_backend_dev_count", sz, []),
+        ("ggml_backend_dev_get", vp, [sz]),
+        ("ggml_backend_dev_name", ctypes.c_char_p, [vp]),
+        ("ggml_backend_dev_description", ctypes.c_char_p, [vp]),
+        ("ggml_backend_dev_type", ctypes.c_int, [vp]),
+        ("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]),
+        ("ggml_backend_load_all_from_path", None, [ctypes.c_char_p]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def _load_dynamic_backends() -> None:
+    """A GGML_BACKEND_DL build (the portable kit wheel) registers no backend until one is loaded.
+
+    llama.cpp looks for ``libggml-cpu-*.so`` beside the executable (python's bin) and in the
+    working directory, not beside libllama; load them from the package's lib/ so runtime CPU
+    dispatch picks the best variant this CPU runs. A regular build has its backends linked in.
+    """
+    lib = _ggml()
+    if lib.ggml_backend_reg_count() == 0:
+        lib.ggml_backend_load_all_from_path(str(LIB_DIR).encode())
 
 
 @dataclass(frozen=True)
@@ -70,8 +116,60 @@ def build_info() -> BuildInfo:
     )
 
 
+@dataclass(frozen=True)
+class Device:
+    """One device a ggml backend offers: kind is cpu, gpu, igpu, accel or meta; memory in bytes."""
+
+    name: str
+    description: str
+    kind: str
+    free: int
+    total: int
+
+
+_DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel", "meta")
+
+
+def backend_devices() -> tuple[tuple[str, ...], tuple[Device, ...]]:
+    """The registered ggml backends (e.g. CPU, CUDA) and their devices with free/total memory."""
+    _backend_init()
+    lib = _ggml()
+    regs = tuple(
+        (lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) or b"?").decode()
+        for i in range(lib.ggml_backend_reg_count())
+    )
+    devices = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        kind = int(lib.ggml_backend_dev_type(dev))
+        devices.append(
+            Device(
+                name=(lib.ggml_backend_dev_name(dev) or b"?").decode(errors="replace"),
+                description=(lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                kind=_DEVICE_KINDS[kind] if 0 <= kind < len(_DEVICE_KINDS) else str(kind),
+                free=int(free.value),
+                total=int(total.value),
+            )
+        )
+    return regs, tuple(devices)
+
+
 def _ptr(tokens: Any) -> Any:
     return tokens.ctypes.data_as(ctypes.POINTER(ll.llama_token))
+
+
+@dataclass(frozen=True)
+class LoadParams:
+    """GPU and KV-cache settings given to llama.cpp at load time, as its enum values (see engine/llama/gpu.py)."""
+
+    split_mode: int = 1  # LLAMA_SPLIT_MODE_LAYER, llama.cpp's default
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()  # empty: llama.cpp splits by free memory
+    flash_attn: int = -1  # LLAMA_FLASH_ATTN_TYPE_AUTO
+    type_k: int = 1  # GGML_TYPE_F16
+    type_v: int = 1
 
 
 class LlamaModel:
@@ -88,6 +186,7 @@ class LlamaModel:
         n_batch: int = 512,
         kv_unified: bool = False,
         swa_full: bool = False,
+        load: LoadParams | None = None,
     ) -> None:
         try:
             inspect(Path(path))
@@ -96,6 +195,11 @@ class LlamaModel:
         _backend_init()
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        load = load or LoadParams()
+        mparams.split_mode = load.split_mode
+        mparams.main_gpu = load.main_gpu
+        split = (ctypes.c_float * len(load.tensor_split))(*load.tensor_split) if load.tensor_split else None
+        mparams.tensor_split = split  # llama.cpp reads it during the load only; `split` outlives the call
         self.model = ll.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise EngineError(f"llama.cpp could not load {path}.", "Run `mlserve verify` and `mlserve doctor`.")
@@ -118,6 +222,9 @@ class LlamaModel:
         cparams.no_perf = True
         cparams.kv_unified = kv_unified
         cparams.swa_full = swa_full
+        cparams.flash_attn_type = load.flash_attn
+        cparams.type_k = load.type_k
+        cparams.type_v = load.type_v
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             ll.llama_model_free(self.model)

@@ -24,6 +24,7 @@ from mlserve.server.registry import RouteSpec, Surface
 from mlserve.server.service import Generation, InferenceService, Params, Prompt
 from mlserve.server.state import ServerState
 from mlserve.server.surfaces.anthropic_schemas import CountTokensRequest, MessagesRequest
+from mlserve.server.surfaces.common import speculates
 
 SSE = "text/event-stream"
 _ERROR_TYPES = {
@@ -60,6 +61,7 @@ async def messages(request: Request) -> Response:
         stop=tuple(body.stop_sequences or ()),
         json_schema=body.json_schema(),
         deterministic=bool(body.mlserve and body.mlserve.deterministic),
+        speculate=speculates(body.mlserve),
     )
     gen = await _service(request).start(request, ctx, body.model, prompt, params)
     asked = tuple(body.stop_sequences or ())

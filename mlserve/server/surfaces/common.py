@@ -28,3 +28,9 @@ class MlserveOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an option we silently ignored would be a lie
 
     deterministic: bool = False  # decoded alone: the same bytes under any load
+    speculate: bool = True  # False: no prompt-lookup drafts for this request (served with --speculate)
+
+
+def speculates(options: MlserveOptions | None) -> bool:
+    """Whether a request lets the engine verify prompt-lookup drafts (the default)."""
+    return options is None or options.speculate

@@ -7,13 +7,14 @@ server runs the model, or refused with 400; never silently dropped.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlserve.engine.api import InvalidRequest
 from mlserve.server.service import Params
-from mlserve.server.surfaces.common import MlserveOptions, StopStrings
+from mlserve.server.surfaces.common import MlserveOptions, StopStrings, speculates
 
 # The look-back of mlserve's repeat/frequency/presence penalties (PENALTY_LAST_N in the llama.cpp
 # engine), which is also Ollama's default repeat_last_n: that one value is accepted.
@@ -162,7 +163,8 @@ class _Generating(_Body):
         self.refuse_unsupported()
         options = self.options or Options()
         options.check(ctx_size)
-        return options.params(self.json_schema(), bool(self.mlserve and self.mlserve.deterministic))
+        params = options.params(self.json_schema(), bool(self.mlserve and self.mlserve.deterministic))
+        return replace(params, speculate=speculates(self.mlserve))
 
     def unloading(self) -> bool:
         """``keep_alive: 0`` with nothing to generate: Ollama's way to unload a model."""

@@ -23,6 +23,7 @@ from mlserve.server.errors import outcome_of, render_openai
 from mlserve.server.registry import RouteSpec, Surface
 from mlserve.server.service import Generation, InferenceService, Params, Prompt
 from mlserve.server.state import ServerState
+from mlserve.server.surfaces.common import speculates
 from mlserve.server.surfaces.openai_schemas import ChatRequest, CompletionRequest, EmbeddingRequest, _Sampling
 
 
@@ -68,6 +69,7 @@ def _params(body: _Sampling, max_tokens: int | None) -> Params:
         seed=body.seed,
         stop=tuple(body.stop or ()),
         deterministic=bool(body.mlserve and body.mlserve.deterministic),
+        speculate=speculates(body.mlserve),
         json_schema=body.response_format.output_schema() if body.response_format is not None else None,
     )
 

@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -37,7 +37,7 @@ from mlserve.server.registry import RouteSpec, Surface
 from mlserve.server.service import InferenceService, Params, Prompt
 from mlserve.server.settings import ServerSettings
 from mlserve.server.state import ServedModel, ServerState
-from mlserve.server.surfaces.common import MlserveOptions, StopStrings
+from mlserve.server.surfaces.common import MlserveOptions, StopStrings, speculates
 
 MAX_INSTANCES = 32  # within the engine's default queue (64), so one request cannot overload it alone
 _ROUTE = re.compile(r"/[^\s{}?#]*")  # a literal path: braces would turn into starlette path parameters
@@ -154,7 +154,9 @@ async def predict(request: Request) -> Response:
     service: InferenceService = request.app.state.service
     body = await validate(PredictRequest, await read_json(request, state.settings.max_body_bytes))
     prompts = [instance.as_prompt() for instance in body.instances]
-    params = body.parameters.as_params(bool(body.mlserve and body.mlserve.deterministic))
+    params = replace(
+        body.parameters.as_params(bool(body.mlserve and body.mlserve.deterministic)), speculate=speculates(body.mlserve)
+    )
     # One version for the whole request: a lookup per instance could split it across a canary or a
     # channel switch, and only the version admitted here is kept alive until the request ends.
     model = service.lookup(ctx, _model_name(state, body.parameters))

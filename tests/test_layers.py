@@ -30,8 +30,9 @@ OWNERS = {
     "rouge_score": "eval/scoring.py",
 }
 # llama_cpp's other owners, beside the generation context (model.py), each too large to fold into it:
-# the schema-to-grammar converter and grammar sampling, and the mean-pooling embeddings context.
-ALSO_OWN = {"llama_cpp": ("engine/llama/grammar.py", "engine/llama/embed_context.py")}
+# the schema-to-grammar converter and grammar sampling, the mean-pooling embeddings context, and the
+# process-wide backend init and device registry (a portable build loads its CPU variants there).
+ALSO_OWN = {"llama_cpp": ("engine/llama/grammar.py", "engine/llama/embed_context.py", "engine/llama/backends.py")}
 ENGINE_API = "mlserve.engine.api"
 
 

@@ -12,10 +12,11 @@ from typing import Any
 
 from mlserve.bundles.store import Bundle, Store
 from mlserve.engine.api import Engine
+from mlserve.engine.llama.backends import BuildInfo, build_info
 from mlserve.engine.llama.config import EngineConfig, default_threads, load_model
 from mlserve.engine.llama.engine import LlamaEngine
 from mlserve.engine.llama.gpu import GpuSettings, check_devices, check_head_dims, normalise
-from mlserve.engine.llama.model import BuildInfo, LlamaModel, build_info
+from mlserve.engine.llama.model import LlamaModel
 from mlserve.engine.tuning import Tuning
 
 _log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def gpu_settings(o: Overrides, defaults: dict[str, Any]) -> GpuSettings:
     )
     if not settings.wants_offload():
         return settings
-    from mlserve.engine.llama.model import backend_devices
+    from mlserve.engine.llama.backends import backend_devices
 
     build = build_info()
     _, devices = backend_devices()

@@ -61,7 +61,7 @@ def _dispatching_build(lib_dir: Path) -> bool:
 
 def facts() -> Facts:
     """Load llama.cpp in this process and describe it (may die with SIGILL on a too-new build)."""
-    from mlserve.engine.llama.model import LIB_DIR, backend_devices, build_info
+    from mlserve.engine.llama.backends import LIB_DIR, backend_devices, build_info
 
     build = build_info()
     backends, devices = backend_devices()
@@ -184,8 +184,9 @@ def auto_layers(n_layer: int, weights: int, kv: int, free: int) -> int | str:
 def load_params(config: EngineConfig) -> tuple[int, LoadParams]:
     """llama.cpp's n_gpu_layers and load parameters for ``config`` (``auto`` sized to the first GPU's free memory)."""
     from mlserve.deploy.memory import kv_shape
+    from mlserve.engine.llama.backends import backend_devices
     from mlserve.engine.llama.gpu import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES
-    from mlserve.engine.llama.model import LoadParams, backend_devices
+    from mlserve.engine.llama.model import LoadParams
 
     gpu = config.gpu
     layers = config.gpu_layers

@@ -140,7 +140,7 @@ def test_bench_url_table_and_json_agree(cli: Cli, tmp_path: Path) -> None:
         assert result["median_itl_ms"] >= 1.5  # the fake paces tokens 2 ms apart
         for label, key in ROWS:
             assert float(table[label]) == pytest.approx(float(result[key]), abs=0.0005), label
-    assert doc["results"][1]["request_throughput"] > doc["results"][0]["request_throughput"]
+    assert opts.peak_streaming == 4  # the concurrency-4 level really kept 4 streams open at once (never more)
 
 
 def test_json_output_is_only_json(cli: Cli) -> None:

@@ -29,6 +29,8 @@ class FakeOptions:
     delay: float = 0.0  # seconds between streamed tokens
     ready: threading.Event = field(default_factory=threading.Event)
     fail_every: int = 0  # every Nth completion request answers 500 (0: never)
+    streaming: int = 0  # completions being streamed now (the server's one event loop updates it)
+    peak_streaming: int = 0  # the most streamed at once: proof that a client really overlapped requests
 
 
 def _response(status: str, body: bytes, ctype: str = "application/json") -> bytes:
@@ -89,7 +91,12 @@ class _Handler:
             if self.opts.fail_every and self.count % self.opts.fail_every == 0:
                 writer.write(_response("500 Internal Server Error", b'{"error":{"message":"boom"}}'))
             else:
-                await self._stream(body, path.endswith("chat/completions"), writer)
+                self.opts.streaming += 1
+                self.opts.peak_streaming = max(self.opts.peak_streaming, self.opts.streaming)
+                try:
+                    await self._stream(body, path.endswith("chat/completions"), writer)
+                finally:
+                    self.opts.streaming -= 1
         else:
             writer.write(_response("404 Not Found", b'{"error":{"message":"not found"}}'))
         await writer.drain()

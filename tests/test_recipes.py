@@ -125,3 +125,38 @@ def test_pack_gemma_with_bundled_recipe(cli, gemma_path: Path) -> None:
     doc = result.json()
     assert doc["serving"]["recipe"] == "gemma3-270m"
     assert doc["serving"]["chat_template"].startswith("{{ bos_token }}")
+
+
+def test_recipe_scheduler_defaults_reach_the_engine_and_a_flag_wins(cli, tiny_gguf: Path, tmp_path: Path, home) -> None:
+    from mlserve.bundles.store import Store
+    from mlserve.engine.llama.factory import Overrides, engine_config
+    from mlserve.engine.tuning import Tuning
+
+    actual = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    extra = "defaults:\n  speculate: false\n  draft_max: 3\n  max_step_ms: 250\n"
+    result = cli("pack", tiny_gguf, "--name", "tiny", "--recipe", _write(tmp_path, _recipe(actual, extra)), "--json")
+    assert result.exit_code == 0, result
+    defaults = result.json()["serving"]["defaults"]
+    assert (defaults["speculate"], defaults["draft_max"], defaults["max_step_ms"]) == (False, 3, 250.0)
+    bundle = Store(home).resolve("tiny:1")
+    assert engine_config(Store(home), bundle).tuning == Tuning(max_step_ms=250.0, speculate=False, draft_max=3)
+    flags = Overrides(speculate=True, draft_max=5, max_step_ms=80.0)
+    assert engine_config(Store(home), bundle, flags).tuning == Tuning(max_step_ms=80.0, speculate=True, draft_max=5)
+
+
+def test_recipe_without_scheduler_defaults_keeps_manifests_as_before(cli, tiny_gguf: Path, tmp_path: Path) -> None:
+    actual = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    result = cli("pack", tiny_gguf, "--name", "tiny", "--recipe", _write(tmp_path, _recipe(actual)), "--json")
+    assert result.exit_code == 0, result
+    assert not {"speculate", "draft_max", "max_step_ms"} & set(result.json()["serving"]["defaults"])
+
+
+@pytest.mark.parametrize("bad", ["draft_max: 99", "max_step_ms: 1", "speculate: maybe"])
+def test_recipe_scheduler_defaults_out_of_bounds_exit_2(cli, tiny_gguf: Path, tmp_path: Path, home, bad: str) -> None:
+    actual = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    result = cli(
+        "pack", tiny_gguf, "--name", "tiny", "--recipe", _write(tmp_path, _recipe(actual, f"defaults:\n  {bad}\n"))
+    )
+    assert result.exit_code == 2, result
+    assert bad.split(":")[0] in result.stderr
+    assert manifests(home) == []

@@ -31,6 +31,8 @@ SERVING_BOUNDS: dict[str, tuple[type, float, float]] = {
     "top_p": (float, 0.0, 1.0),
     "min_p": (float, 0.0, 1.0),
     "repeat_penalty": (float, 0.01, 100.0),
+    "draft_max": (int, 1, 32),
+    "max_step_ms": (float, 10.0, 10000.0),
 }
 _NULLABLE = {"threads"}  # None: as many threads as the machine has
 

@@ -136,17 +136,22 @@ def serve(
         None,
         "--max-step-ms",
         min=10,
-        help="Target time of a decode step while streams run (default 100): bounds the prompt tokens a newcomer "
-        "adds per step, so others' tokens keep flowing. Lower: steadier streams, later first tokens.",
+        help="Target time of a decode step while streams run (default: the recipe's, else 100): bounds the "
+        "prompt tokens a newcomer adds per step, so others' tokens keep flowing. Lower: steadier streams, "
+        "later first tokens.",
     ),
     speculate: Optional[bool] = typer.Option(
         None,
         "--speculate/--no-speculate",
         help="Prompt-lookup speculative decoding: verify drafts copied from the request's own prompt and output "
-        "(default on; never for deterministic or structured-output requests).",
+        "(default: the recipe's, else on; never for deterministic or structured-output requests).",
     ),
     draft_max: Optional[int] = typer.Option(
-        None, "--draft-max", min=1, max=32, help="Most draft tokens a sequence verifies per step (default 8)."
+        None,
+        "--draft-max",
+        min=1,
+        max=32,
+        help="Most draft tokens a sequence verifies per step (default: the recipe's, else 8).",
     ),
     route_prefix: Optional[str] = typer.Option(
         None,

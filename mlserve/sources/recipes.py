@@ -26,6 +26,7 @@ WHEEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*
 # The KV cache types llama.cpp accepts (mlserve/engine/llama/gpu.py maps them to ggml types).
 KVCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 GPU_KEYS = ("flash_attn", "cache_type_k", "cache_type_v", "split_mode", "tensor_split", "main_gpu")
+TUNING_KEYS = ("speculate", "draft_max", "max_step_ms")
 HF_RE = re.compile(r"hf://(?P<repo>[^/@\s]+/[^/@\s]+)/(?P<file>[^@\s]+\.gguf)(?:@(?P<revision>[^\s]+))?")
 
 
@@ -91,6 +92,11 @@ class Defaults(_Strict):
     split_mode: Literal["none", "layer", "row"] | None = None
     tensor_split: list[float] | None = Field(None, min_length=1)
     main_gpu: int | None = Field(None, ge=0)
+    # The batching scheduler (serve's --speculate/--no-speculate, --draft-max, --max-step-ms): a model
+    # whose notes do not copy their input can turn speculation off for itself. Unset: serve's defaults.
+    speculate: bool | None = None
+    draft_max: int | None = Field(None, ge=1, le=32)
+    max_step_ms: float | None = Field(None, ge=10, le=10000)
 
     @model_validator(mode="after")
     def _v_cache_needs_flash(self) -> Defaults:
@@ -99,10 +105,10 @@ class Defaults(_Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _drop_unset_gpu(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """GPU keys only when set, so a manifest without them reads exactly as before they existed."""
+    def _drop_unset_optional(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """GPU and scheduler keys only when set, so a manifest without them reads exactly as before."""
         data: dict[str, Any] = handler(self)
-        for key in GPU_KEYS:
+        for key in GPU_KEYS + TUNING_KEYS:
             if data.get(key) is None:
                 data.pop(key, None)
         return data

@@ -18,6 +18,7 @@ from mlserve.engine.llama.engine import LlamaEngine
 from mlserve.engine.llama.gpu import GpuSettings, check_devices, check_head_dims, normalise
 from mlserve.engine.llama.model import LlamaModel
 from mlserve.engine.tuning import Tuning
+from mlserve.errors import UsageError
 
 _log = logging.getLogger(__name__)
 EMBEDDINGS_CTX = 512  # default longest embeddings input: its compute buffer is ~1 MiB a token with Gemma
@@ -81,17 +82,26 @@ def engine_config(store: Store, bundle: Bundle, overrides: Overrides | None = No
         parse_special_content=o.parse_special_content,
         embeddings=o.embeddings,
         embeddings_ctx=o.embeddings_ctx or EMBEDDINGS_CTX,
-        tuning=tuning(o),
+        tuning=tuning(o, defaults),
     )
 
 
-def tuning(o: Overrides) -> Tuning:
-    """The scheduler's settings: a flag, else tuning.py's default."""
-    base = Tuning()
+def tuning(o: Overrides, defaults: dict[str, Any] | None = None) -> Tuning:
+    """The scheduler's settings: a flag, then the bundle's recipe default, then tuning.py's."""
+    base, defaults = Tuning(), defaults or {}
+    speculate = defaults.get("speculate")
+    if speculate is not None and not isinstance(speculate, bool):
+        raise UsageError(
+            f"The bundle's serving default 'speculate' is {speculate!r}; it must be true or false.",
+            "Fix its recipe and pack the bundle again.",
+        )
+    recipe_step, recipe_draft = defaults.get("max_step_ms"), defaults.get("draft_max")
     return Tuning(
-        max_step_ms=o.max_step_ms if o.max_step_ms is not None else base.max_step_ms,
-        speculate=o.speculate if o.speculate is not None else base.speculate,
-        draft_max=o.draft_max if o.draft_max is not None else base.draft_max,
+        max_step_ms=o.max_step_ms or (float(recipe_step) if recipe_step is not None else base.max_step_ms),
+        speculate=o.speculate if o.speculate is not None else (speculate if speculate is not None else base.speculate),
+        draft_max=o.draft_max
+        if o.draft_max is not None
+        else (int(recipe_draft) if recipe_draft is not None else base.draft_max),
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlserve.engine.llama.gpu import GpuSettings
-from mlserve.engine.llama.model import LlamaModel
+from mlserve.engine.llama.model import LlamaModel, LoadParams
 from mlserve.engine.tuning import Tuning
 
 
@@ -50,8 +50,6 @@ def default_threads() -> int:
 
 def load_model(config: EngineConfig) -> LlamaModel:
     """Validate the GGUF and load it with ``parallel`` sequences of ``ctx_size`` cells (blocking)."""
-    from mlserve.engine.llama.hardware import load_params
-
     n_gpu_layers, params = load_params(config)
     return LlamaModel(
         config.model_path,
@@ -63,3 +61,37 @@ def load_model(config: EngineConfig) -> LlamaModel:
         kv_unified=config.kv_unified,
         load=params,
     )
+
+
+def load_params(config: EngineConfig) -> tuple[int, LoadParams]:
+    """llama.cpp's n_gpu_layers and load parameters for ``config`` (``auto`` sized to the first GPU's free memory)."""
+    from mlserve.deploy.memory import kv_shape
+    from mlserve.engine.llama.backends import backend_devices
+    from mlserve.engine.llama.gpu import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES
+    from mlserve.engine.llama.hardware import auto_layers, kv_cache_bytes
+
+    gpu = config.gpu
+    layers = config.gpu_layers
+    if layers == "auto":
+        _, devices = backend_devices()
+        gpus = [d for d in devices if d.kind in ("gpu", "igpu")]
+        shape = kv_shape(config.model_path)
+        if not gpus or shape is None:
+            layers = 0 if not gpus else "all"
+        else:
+            main = gpus[gpu.main_gpu or 0] if (gpu.main_gpu or 0) < len(gpus) else gpus[0]
+            weights = config.model_path.stat().st_size
+            cells = config.ctx_size * config.parallel
+            kv = kv_cache_bytes(config.model_path, cells, gpu.cache_type_k, gpu.cache_type_v) or 0
+            free = sum(d.free for d in gpus) if gpu.split_mode not in (None, "none") else main.free
+            layers = auto_layers(shape.n_layer, weights, kv, free)
+    n_gpu_layers = -1 if layers == "all" else int(layers)
+    params = LoadParams(
+        split_mode=SPLIT_MODES[gpu.split_mode or "layer"],
+        main_gpu=gpu.main_gpu or 0,
+        tensor_split=gpu.tensor_split or (),
+        flash_attn=FLASH_ATTN[gpu.flash_attn],
+        type_k=CACHE_TYPES[gpu.cache_type_k][0],
+        type_v=CACHE_TYPES[gpu.cache_type_v][0],
+    )
+    return n_gpu_layers, params

@@ -15,14 +15,10 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlserve.bench import sysinfo
 from mlserve.kit.cpu import SYSTEM_INFO_FLAGS
-
-if TYPE_CHECKING:
-    from mlserve.engine.llama.config import EngineConfig
-    from mlserve.engine.llama.model import LoadParams
 
 PROBE_TIMEOUT = 60.0
 
@@ -179,40 +175,6 @@ def auto_layers(n_layer: int, weights: int, kv: int, free: int) -> int | str:
         return "all"
     per_layer = (weights + kv) / max(1, n_layer)
     return max(0, min(n_layer, int(free // per_layer) if per_layer else 0))
-
-
-def load_params(config: EngineConfig) -> tuple[int, LoadParams]:
-    """llama.cpp's n_gpu_layers and load parameters for ``config`` (``auto`` sized to the first GPU's free memory)."""
-    from mlserve.deploy.memory import kv_shape
-    from mlserve.engine.llama.backends import backend_devices
-    from mlserve.engine.llama.gpu import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES
-    from mlserve.engine.llama.model import LoadParams
-
-    gpu = config.gpu
-    layers = config.gpu_layers
-    if layers == "auto":
-        _, devices = backend_devices()
-        gpus = [d for d in devices if d.kind in ("gpu", "igpu")]
-        shape = kv_shape(config.model_path)
-        if not gpus or shape is None:
-            layers = 0 if not gpus else "all"
-        else:
-            main = gpus[gpu.main_gpu or 0] if (gpu.main_gpu or 0) < len(gpus) else gpus[0]
-            weights = config.model_path.stat().st_size
-            cells = config.ctx_size * config.parallel
-            kv = kv_cache_bytes(config.model_path, cells, gpu.cache_type_k, gpu.cache_type_v) or 0
-            free = sum(d.free for d in gpus) if gpu.split_mode not in (None, "none") else main.free
-            layers = auto_layers(shape.n_layer, weights, kv, free)
-    n_gpu_layers = -1 if layers == "all" else int(layers)
-    params = LoadParams(
-        split_mode=SPLIT_MODES[gpu.split_mode or "layer"],
-        main_gpu=gpu.main_gpu or 0,
-        tensor_split=gpu.tensor_split or (),
-        flash_attn=FLASH_ATTN[gpu.flash_attn],
-        type_k=CACHE_TYPES[gpu.cache_type_k][0],
-        type_v=CACHE_TYPES[gpu.cache_type_v][0],
-    )
-    return n_gpu_layers, params
 
 
 def main() -> None:

@@ -122,3 +122,19 @@ def run_mlserve(*args: str | os.PathLike[str], timeout: float = 60, **kwargs: An
         cwd=REPO,
         **kwargs,
     )
+
+
+# A minimal chat template the tiny GGUFs carry: role and content per line, then "assistant:".
+TINY_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture
+def tiny_pair(home: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> dict[str, str]:
+    """tiny:1 and tiny:2, two tiny GGUFs with a chat template and different weights; their digests."""
+    digests = {}
+    for version, seed in (("1", 0), ("2", 1)):
+        path = write_tiny_llama(tmp_path / f"tiny-{seed}.gguf", seed=seed, chat_template=TINY_TEMPLATE)
+        res = cli("pack", path, "--name", "tiny", "--version", version, "--json")
+        assert res.exit_code == 0, res
+        digests[version] = res.json()["digest"]
+    return digests

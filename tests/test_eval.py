@@ -17,12 +17,10 @@ from mlserve.eval.dataset import read_pairs
 from mlserve.eval.scoring import score_note, section_coverage, sections
 from mlserve.security import audit
 from tests.conftest import CliResult
-from tests.support.ggufgen import write_tiny_llama
 from tests.support.servers import start_server
 from tests.support.storeutil import REPO, assert_one_error
 
 DATA = REPO / "benchmarks" / "data" / "dialogue-to-note.jsonl"
-TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 Cli = Callable[..., CliResult]
 
 
@@ -95,18 +93,6 @@ def test_read_pairs_of_one_split() -> None:
 
 # -- eval end to end on a tiny model -----------------------------------------------------------------
 @pytest.fixture
-def tiny(home: Path, tmp_path: Path, cli: Cli) -> dict[str, str]:
-    """tiny:1 and tiny:2 (different weights, a chat template) in the store; their digests."""
-    digests = {}
-    for version, seed in (("1", 0), ("2", 1)):
-        path = write_tiny_llama(tmp_path / f"tiny-{seed}.gguf", seed=seed, chat_template=TEMPLATE)
-        res = cli("pack", path, "--name", "tiny", "--version", version, "--json")
-        assert res.exit_code == 0, res
-        digests[version] = res.json()["digest"]
-    return digests
-
-
-@pytest.fixture
 def small(tmp_path: Path) -> Path:
     """Three short dialogue -> note pairs (the tiny model's context is 256 tokens)."""
     path = tmp_path / "small.jsonl"
@@ -118,11 +104,11 @@ def small(tmp_path: Path) -> Path:
     return path
 
 
-def test_eval_scores_stores_and_shows(home: Path, cli: Cli, tiny: dict[str, str], small: Path) -> None:
+def test_eval_scores_stores_and_shows(home: Path, cli: Cli, tiny_pair: dict[str, str], small: Path) -> None:
     res = cli("eval", "tiny:1", "--dataset", small, "--max-tokens", "8", "--concurrency", "2", "--json")
     assert res.exit_code == 0, res
     doc = res.json()
-    assert doc["digest"] == tiny["1"] and doc["name"] == "tiny" and doc["version"] == "1"
+    assert doc["digest"] == tiny_pair["1"] and doc["name"] == "tiny" and doc["version"] == "1"
     assert doc["dataset"]["sha256"] == hashlib.sha256(small.read_bytes()).hexdigest()
     assert doc["dataset"]["ids"] == ["p0", "p1", "p2"] and doc["completed"] == 3 and doc["failed"] == 0
     assert doc["task"] == {"name": "default", "max_tokens": 8, "temperature": 0.0, "deterministic": True}
@@ -144,7 +130,7 @@ def test_eval_scores_stores_and_shows(home: Path, cli: Cli, tiny: dict[str, str]
     assert len(results.history(Store(), "tiny", "1")) == 2
 
 
-def test_eval_refuses_bad_input(cli: Cli, tiny: dict[str, str], small: Path, tmp_path: Path) -> None:
+def test_eval_refuses_bad_input(cli: Cli, tiny_pair: dict[str, str], small: Path, tmp_path: Path) -> None:
     res = cli("eval", "tiny:1", "--dataset", tmp_path / "none.jsonl")
     assert res.exit_code == 2 and "does not exist" in res.stderr
     res = cli("eval", "tiny:1", "--dataset", small, "--task", "discharge-summary")
@@ -201,32 +187,32 @@ def refused(cli: Cli, home: Path, words: str, *args: Any) -> None:
 GATE = ("--to", "production", "--require-eval")
 
 
-def test_gate_refuses_a_missing_eval(cli: Cli, home: Path, tiny: dict[str, str], tmp_path: Path) -> None:
+def test_gate_refuses_a_missing_eval(cli: Cli, home: Path, tiny_pair: dict[str, str], tmp_path: Path) -> None:
     refused(cli, home, "has no stored eval", "tiny:1", *GATE, "latest", "--min", "rougeL=0.2")
     refused(cli, home, "does not exist", "tiny:1", *GATE, tmp_path / "no-eval.json", "--min", "rougeL=0.2")
 
 
 def test_gate_refuses_an_eval_of_another_bundle_or_dataset(
-    cli: Cli, home: Path, tiny: dict[str, str], small: Path
+    cli: Cli, home: Path, tiny_pair: dict[str, str], small: Path
 ) -> None:
-    other = stored_eval("2", tiny["2"], {})
+    other = stored_eval("2", tiny_pair["2"], {})
     refused(cli, home, "measured another bundle", "tiny:1", *GATE, other, "--min", "rougeL=0.2")
-    stored_eval("1", tiny["1"], {})
+    stored_eval("1", tiny_pair["1"], {})
     refused(cli, home, "no stored eval on that dataset", "tiny:1", *GATE, "latest", "--eval-dataset", small)
 
 
-def test_gate_refuses_scores_below_min_and_a_failed_eval(cli: Cli, home: Path, tiny: dict[str, str]) -> None:
-    low = stored_eval("1", tiny["1"], {"rougeL": 0.18})
+def test_gate_refuses_scores_below_min_and_a_failed_eval(cli: Cli, home: Path, tiny_pair: dict[str, str]) -> None:
+    low = stored_eval("1", tiny_pair["1"], {"rougeL": 0.18})
     refused(cli, home, "rougeL 0.1800 < 0.2", "tiny:1", *GATE, low, "--min", "rougeL=0.20")
-    partial = stored_eval("1", tiny["1"], {}, failed=1)
+    partial = stored_eval("1", tiny_pair["1"], {}, failed=1)
     refused(cli, home, "failed", "tiny:1", *GATE, partial, "--min", "rougeL=0.20")
     res = cli("promote", "tiny:1", *GATE, "latest", "--min", "bleu=0.2")
     assert res.exit_code == 2 and "Invalid --min" in res.stderr
 
 
-def test_gate_passes_and_is_recorded(cli: Cli, home: Path, tiny: dict[str, str]) -> None:
-    stored_eval("1", tiny["1"], {"rougeL": 0.18})
-    good = stored_eval("1", tiny["1"], {"rougeL": 0.25})  # the newer one is "latest"
+def test_gate_passes_and_is_recorded(cli: Cli, home: Path, tiny_pair: dict[str, str]) -> None:
+    stored_eval("1", tiny_pair["1"], {"rougeL": 0.18})
+    good = stored_eval("1", tiny_pair["1"], {"rougeL": 0.25})  # the newer one is "latest"
     res = cli("promote", "tiny:1", *GATE, "latest", "--min", "rougeL=0.20", "--json")
     assert res.exit_code == 0, res
     gate = res.json()["gates"]["eval"]
@@ -239,16 +225,16 @@ def test_gate_passes_and_is_recorded(cli: Cli, home: Path, tiny: dict[str, str])
     assert "latest eval of tiny:1" in cli("history", "tiny").stderr
 
 
-def test_gate_refuses_a_drop_against_the_channels_version(cli: Cli, home: Path, tiny: dict[str, str]) -> None:
-    stored_eval("1", tiny["1"], {"rougeL": 0.30})
+def test_gate_refuses_a_drop_against_the_channels_version(cli: Cli, home: Path, tiny_pair: dict[str, str]) -> None:
+    stored_eval("1", tiny_pair["1"], {"rougeL": 0.30})
     assert cli("promote", "tiny:1", *GATE, "latest", "--min", "rougeL=0.2").exit_code == 0
-    worse = stored_eval("2", tiny["2"], {"rougeL": 0.27})
+    worse = stored_eval("2", tiny_pair["2"], {"rougeL": 0.27})
     drop = ("--min", "rougeL=0.2", "--max-drop", "rougeL=0.02")
     refused(cli, home, "drops more than --max-drop", "tiny:2", *GATE, worse, *drop)
     # An eval on other rows cannot be compared: refused too, with its own message.
-    other_rows = stored_eval("2", tiny["2"], {"rougeL": 0.30}, dataset={"ids": ["a"]})
+    other_rows = stored_eval("2", tiny_pair["2"], {"rougeL": 0.30}, dataset={"ids": ["a"]})
     refused(cli, home, "has no eval with the same dataset rows", "tiny:2", *GATE, other_rows, *drop)
-    close = stored_eval("2", tiny["2"], {"rougeL": 0.28})  # 0.02 below: not more than allowed
+    close = stored_eval("2", tiny_pair["2"], {"rougeL": 0.28})  # 0.02 below: not more than allowed
     res = cli("promote", "tiny:2", *GATE, close, *drop, "--json")
     assert res.exit_code == 0, res
     assert res.json()["gates"]["eval"]["baseline"]["ref"] == "tiny:1"

@@ -9,30 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from mlserve.security import audit
 from tests.conftest import CliResult
-from tests.support.ggufgen import write_tiny_llama
 from tests.support.servers import start_server
 from tests.support.storeutil import assert_one_error
 
-TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 SERVE = ("--ctx-size", "256", "--parallel", "2")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat on the mat"}]
 Cli = Callable[..., CliResult]
-
-
-@pytest.fixture
-def tiny_pair(home: Path, tmp_path: Path, cli: Cli) -> dict[str, str]:
-    """tiny:1 and tiny:2, two tiny GGUFs with a chat template and different weights; their digests."""
-    digests = {}
-    for version, seed in (("1", 0), ("2", 1)):
-        path = write_tiny_llama(tmp_path / f"tiny-{seed}.gguf", seed=seed, chat_template=TEMPLATE)
-        res = cli("pack", path, "--name", "tiny", "--version", version, "--json")
-        assert res.exit_code == 0, res
-        digests[version] = res.json()["digest"]
-    return digests
 
 
 def records(home: Path) -> list[dict[str, Any]]:

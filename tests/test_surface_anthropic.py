@@ -22,27 +22,12 @@ from mlserve.security.keys import KeyStore, keys_path
 from mlserve.server.app import create_app
 from mlserve.server.settings import ServerSettings
 from mlserve.server.state import ServedModel
+from tests.support.inproc import CANARIES, CANARY, App
 from tests.support.servers import ServerProcess, start_server
 
 REPLY = "The patient is stable and ready for discharge."
 COUNT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "Summarise."}]}
 BODY: dict[str, Any] = {**COUNT, "max_tokens": 64}  # count_tokens takes no max_tokens, as in Anthropic's API
-CANARIES = ("Jane Canary-Doe", "MRN 00417733")
-CANARY = " ".join(CANARIES)
-
-
-@dataclass
-class App:
-    """An in-process app over a fake engine, and where it writes its audit log."""
-
-    client: TestClient
-    engine: FakeEngine
-    home: Path
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every audit record, after the app's lifespan has ended (which flushes the writer)."""
-        self.client.__exit__(None, None, None)
-        return [json.loads(line) for f in log_files(self.home / "audit") for line in f.read_text().splitlines()]
 
 
 def _start(home: Path, script: FakeScript | None = None, **settings: Any) -> tuple[TestClient, FakeEngine]:

@@ -21,27 +21,12 @@ from mlserve.security.keys import KeyStore, keys_path
 from mlserve.server.app import create_app
 from mlserve.server.settings import ServerSettings
 from mlserve.server.state import ServedModel
+from tests.support.inproc import CANARIES, CANARY, App
 from tests.support.servers import ServerProcess, start_server
 
 REPLY = "The patient is stable and ready for discharge."
 GGUF = {"architecture": "gemma3", "parameter_count": 268_098_176, "file_type": "Q4_K_M", "context_length": 32768}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Summarise the visit."}]}
-CANARIES = ("Jane Canary-Doe", "MRN 00417733")
-CANARY = " ".join(CANARIES)
-
-
-@dataclass
-class App:
-    """An in-process app over a fake engine, and where it writes its audit log."""
-
-    client: TestClient
-    engine: FakeEngine
-    home: Path
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every audit record, after the app's lifespan has ended (which flushes the writer)."""
-        self.client.__exit__(None, None, None)
-        return [json.loads(line) for f in log_files(self.home / "audit") for line in f.read_text().splitlines()]
 
 
 def _model(engine: FakeEngine) -> ServedModel:

@@ -10,17 +10,12 @@ from starlette.responses import JSONResponse, Response
 
 from mlserve.server.errors import Outcome, render_openai
 from mlserve.server.registry import RouteSpec, Surface
-from mlserve.server.state import ServerState
-
-
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.mlserve
-    return state
+from mlserve.server.state import state_of
 
 
 async def live(request: Request) -> JSONResponse:
     """GET /health/live: 200 while the process serves HTTP and every engine can still serve."""
-    state = _state(request)
+    state = state_of(request)
     if not state.alive():
         dead = {m.id: m.engine.health().detail for m in state.models if not m.engine.health().alive}
         return JSONResponse({"status": "dead", "models": dead}, status_code=503)
@@ -29,7 +24,7 @@ async def live(request: Request) -> JSONResponse:
 
 async def ready(request: Request) -> JSONResponse:
     """GET /health/ready: 200 when every model is loaded and warmed, else 503."""
-    state = _state(request)
+    state = state_of(request)
     models = {m.id: m.engine.health().state for m in state.models}
     if state.draining:
         status = "draining"
@@ -46,25 +41,25 @@ async def ready(request: Request) -> JSONResponse:
 
 async def v2_live(request: Request) -> JSONResponse:
     """GET /v2/health/live (KServe Open Inference Protocol)."""
-    ok = _state(request).alive()
+    ok = state_of(request).alive()
     return JSONResponse({"live": ok}, status_code=200 if ok else 503)
 
 
 async def v2_ready(request: Request) -> JSONResponse:
     """GET /v2/health/ready (KServe Open Inference Protocol)."""
-    ok = _state(request).ready()
+    ok = state_of(request).ready()
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
 async def v2_model_ready(request: Request) -> JSONResponse:
     """GET /v2/models/{name}/ready: the stable version and any canary both ready (never a random pick)."""
-    model, ok = _state(request).model_ready(request.path_params["name"])
+    model, ok = state_of(request).model_ready(request.path_params["name"])
     return JSONResponse({"name": model.id, "ready": ok}, status_code=200 if ok else 503)
 
 
 async def metrics(request: Request) -> Response:
     """GET /metrics in Prometheus text format."""
-    body = _state(request).metrics.render()
+    body = state_of(request).metrics.render()
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

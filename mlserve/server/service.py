@@ -335,3 +335,9 @@ async def disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def service_of(request: Request) -> InferenceService:
+    """The inference service the app was created with (``app.state.service``)."""
+    service: InferenceService = request.app.state.service
+    return service

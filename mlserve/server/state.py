@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request
+
 from mlserve.engine.api import Engine, StepStats
 from mlserve.errors import NotFoundError
 from mlserve.server.auth import Guard
@@ -113,3 +115,9 @@ class ServerState:
     def public_ids(self) -> list[tuple[str, ServedModel]]:
         """The ids clients may send: NAME for each model, and NAME:VERSION."""
         return sorted(self._by_name.items())
+
+
+def state_of(request: Request) -> ServerState:
+    """The server state the app was created with (``app.state.mlserve``)."""
+    state: ServerState = request.app.state.mlserve
+    return state

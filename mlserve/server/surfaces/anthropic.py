@@ -21,8 +21,8 @@ from mlserve.server.body import read_json, validate
 from mlserve.server.context import RequestContext, context_of
 from mlserve.server.errors import Outcome, outcome_of
 from mlserve.server.registry import RouteSpec, Surface
-from mlserve.server.service import Generation, InferenceService, Params, Prompt
-from mlserve.server.state import ServerState
+from mlserve.server.service import Generation, Params, Prompt, service_of
+from mlserve.server.state import state_of
 from mlserve.server.surfaces.anthropic_schemas import CountTokensRequest, MessagesRequest
 from mlserve.server.surfaces.common import speculates
 
@@ -38,20 +38,10 @@ _ERROR_TYPES = {
 }
 
 
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.mlserve
-    return state
-
-
-def _service(request: Request) -> InferenceService:
-    service: InferenceService = request.app.state.service
-    return service
-
-
 async def messages(request: Request) -> Response:
     """POST /v1/messages (Server-Sent Events with Anthropic's named events when ``stream`` is true)."""
     ctx = context_of(request)
-    body = await validate(MessagesRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    body = await validate(MessagesRequest, await read_json(request, state_of(request).settings.max_body_bytes))
     prompt = Prompt(messages=body.template_messages())
     params = Params(
         max_tokens=body.max_tokens,
@@ -63,7 +53,7 @@ async def messages(request: Request) -> Response:
         deterministic=bool(body.mlserve and body.mlserve.deterministic),
         speculate=speculates(body.mlserve),
     )
-    gen = await _service(request).start(request, ctx, body.model, prompt, params)
+    gen = await service_of(request).start(request, ctx, body.model, prompt, params)
     asked = tuple(body.stop_sequences or ())
     ident = "msg_" + ctx.id
     if body.stream:
@@ -142,9 +132,9 @@ async def _events(ctx: RequestContext, gen: Generation, ident: str, asked: tuple
 async def count_tokens(request: Request) -> Response:
     """POST /v1/messages/count_tokens: the prompt's tokens under the model's chat template."""
     ctx = context_of(request)
-    state = _state(request)
+    state = state_of(request)
     body = await validate(CountTokensRequest, await read_json(request, state.settings.max_body_bytes))
-    tokens = await _service(request).count_tokens(ctx, body.model, body.template_messages())
+    tokens = await service_of(request).count_tokens(ctx, body.model, body.template_messages())
     response = JSONResponse({"input_tokens": tokens})
     response.headers["request-id"] = ctx.id
     return response

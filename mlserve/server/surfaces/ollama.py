@@ -25,8 +25,8 @@ from mlserve.server.body import read_json, validate
 from mlserve.server.context import RequestContext, context_of
 from mlserve.server.errors import Forbidden, Outcome, outcome_of
 from mlserve.server.registry import RouteSpec, Surface
-from mlserve.server.service import Generation, InferenceService, Prompt
-from mlserve.server.state import ServedModel, ServerState
+from mlserve.server.service import Generation, Prompt, service_of
+from mlserve.server.state import ServedModel, state_of
 from mlserve.server.surfaces.ollama_schemas import (
     ChatRequest,
     EmbeddingsRequest,
@@ -46,19 +46,9 @@ NEVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: a served model stays loade
 NOT_FOUND = "model not found: it is not served here; GET /api/tags lists the models served."
 
 
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.mlserve
-    return state
-
-
-def _service(request: Request) -> InferenceService:
-    service: InferenceService = request.app.state.service
-    return service
-
-
 def _name(request: Request, name: str) -> str:
     """Ollama's ``NAME:latest`` is the default version, mlserve's bare ``NAME`` (unless a version is called latest)."""
-    if name.endswith(":latest") and _state(request).routed(name) is None:
+    if name.endswith(":latest") and state_of(request).routed(name) is None:
         return name.removesuffix(":latest")
     return name
 
@@ -125,14 +115,14 @@ async def version(request: Request) -> Response:
 
 async def tags(request: Request) -> Response:
     """GET /api/tags: every name a client may send (NAME and NAME:VERSION), with digest, size and details."""
-    return JSONResponse({"models": [_entry(ident, m) for ident, m in _state(request).public_ids()]})
+    return JSONResponse({"models": [_entry(ident, m) for ident, m in state_of(request).public_ids()]})
 
 
 async def ps(request: Request) -> Response:
     """GET /api/ps: the served models that are loaded and ready now."""
     models = [
         {**_entry(ident, m), "expires_at": NEVER, "context_length": m.ctx_size}
-        for ident, m in _state(request).public_ids()
+        for ident, m in state_of(request).public_ids()
         if m.engine.health().ready
     ]
     return JSONResponse({"models": models})
@@ -150,8 +140,8 @@ def _parameters(m: ServedModel) -> list[str]:
 
 async def show(request: Request) -> Response:
     """POST /api/show: details, model_info, serving parameters and capabilities of one model."""
-    body = await validate(ShowRequest, await read_json(request, _state(request).settings.max_body_bytes))
-    m = _state(request).routed(_name(request, body.target()))
+    body = await validate(ShowRequest, await read_json(request, state_of(request).settings.max_body_bytes))
+    m = state_of(request).routed(_name(request, body.target()))
     if m is None:
         raise NotFoundError(NOT_FOUND)
     context_of(request).model = m
@@ -227,7 +217,7 @@ def _done(name: str, fin: FinishEvent, clock: _Clock, piece: dict[str, Any]) -> 
 def _model(request: Request, ctx: RequestContext, asked: str) -> tuple[str, ServedModel]:
     """The name to send the service and the model it names now (404 when none)."""
     name = _name(request, asked)
-    return name, _service(request).lookup(ctx, name)
+    return name, service_of(request).lookup(ctx, name)
 
 
 def _loaded(body: _Generating, model: ServedModel, piece: Shape) -> Response:
@@ -243,26 +233,26 @@ def _loaded(body: _Generating, model: ServedModel, piece: Shape) -> Response:
 async def chat(request: Request) -> Response:
     """POST /api/chat (streams NDJSON unless ``stream`` is false)."""
     ctx = context_of(request)
-    body = await validate(ChatRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    body = await validate(ChatRequest, await read_json(request, state_of(request).settings.max_body_bytes))
     name, model = _model(request, ctx, body.model)
     params = body.params(model.ctx_size)
     messages = body.template_messages()
     if not messages:
         return _loaded(body, model, _chat_piece)
-    gen = await _service(request).start(request, ctx, name, Prompt(messages=messages), params)
+    gen = await service_of(request).start(request, ctx, name, Prompt(messages=messages), params)
     return await _answer(ctx, gen, body, _chat_piece)
 
 
 async def generate(request: Request) -> Response:
     """POST /api/generate: the prompt through the chat template, as Ollama does, or as it is with ``raw``."""
     ctx = context_of(request)
-    body = await validate(GenerateRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    body = await validate(GenerateRequest, await read_json(request, state_of(request).settings.max_body_bytes))
     name, model = _model(request, ctx, body.model)
     params = body.params(model.ctx_size)
     if not body.prompt:
         return _loaded(body, model, _generate_piece)
     prompt = Prompt(text=body.prompt) if body.raw else Prompt(messages=body.template_messages())
-    gen = await _service(request).start(request, ctx, name, prompt, params)
+    gen = await service_of(request).start(request, ctx, name, prompt, params)
     return await _answer(ctx, gen, body, _generate_piece)
 
 
@@ -296,10 +286,10 @@ async def _lines(ctx: RequestContext, gen: Generation, name: str, clock: _Clock,
 async def embed(request: Request) -> Response:
     """POST /api/embed: one L2-normalised vector per input, decoded together."""
     ctx = context_of(request)
-    body = await validate(EmbedRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    body = await validate(EmbedRequest, await read_json(request, state_of(request).settings.max_body_bytes))
     name, model = _model(request, ctx, body.model)
     (body.options or Options()).check_context(model.ctx_size)
-    result = await _service(request).embed(request, ctx, name, body.inputs(), dimensions=body.dimensions)
+    result = await service_of(request).embed(request, ctx, name, body.inputs(), dimensions=body.dimensions)
     return JSONResponse(
         {
             "model": body.model,
@@ -314,10 +304,10 @@ async def embed(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     """POST /api/embeddings: Ollama's older one-text form of /api/embed."""
     ctx = context_of(request)
-    body = await validate(EmbeddingsRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    body = await validate(EmbeddingsRequest, await read_json(request, state_of(request).settings.max_body_bytes))
     name, model = _model(request, ctx, body.model)
     (body.options or Options()).check_context(model.ctx_size)
-    result = await _service(request).embed(request, ctx, name, [body.prompt])
+    result = await service_of(request).embed(request, ctx, name, [body.prompt])
     return JSONResponse({"embedding": result.vectors[0]})
 
 

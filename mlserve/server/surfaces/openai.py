@@ -21,25 +21,15 @@ from mlserve.server.body import read_json, validate
 from mlserve.server.context import RequestContext, context_of
 from mlserve.server.errors import outcome_of, render_openai
 from mlserve.server.registry import RouteSpec, Surface
-from mlserve.server.service import Generation, InferenceService, Params, Prompt
-from mlserve.server.state import ServerState
+from mlserve.server.service import Generation, Params, Prompt, service_of
+from mlserve.server.state import state_of
 from mlserve.server.surfaces.common import speculates
 from mlserve.server.surfaces.openai_schemas import ChatRequest, CompletionRequest, EmbeddingRequest, _Sampling
 
 
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.mlserve
-    return state
-
-
-def _service(request: Request) -> InferenceService:
-    service: InferenceService = request.app.state.service
-    return service
-
-
 async def list_models(request: Request) -> Response:
     """GET /v1/models: NAME and NAME:VERSION for each served model."""
-    state = _state(request)
+    state = state_of(request)
     data = [
         {
             "id": ident,
@@ -77,28 +67,28 @@ def _params(body: _Sampling, max_tokens: int | None) -> Params:
 async def chat_completions(request: Request) -> Response:
     """POST /v1/chat/completions."""
     ctx = context_of(request)
-    body = await validate(ChatRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    body = await validate(ChatRequest, await read_json(request, state_of(request).settings.max_body_bytes))
     prompt = Prompt(messages=body.template_messages())
     params = _params(body, body.max_completion_tokens or body.max_tokens)
-    gen = await _service(request).start(request, ctx, body.model, prompt, params)
+    gen = await service_of(request).start(request, ctx, body.model, prompt, params)
     return await _answer(ctx, gen, "chat", body)
 
 
 async def completions(request: Request) -> Response:
     """POST /v1/completions."""
     ctx = context_of(request)
-    body = await validate(CompletionRequest, await read_json(request, _state(request).settings.max_body_bytes))
+    body = await validate(CompletionRequest, await read_json(request, state_of(request).settings.max_body_bytes))
     given = body.prompt_text()
     prompt = Prompt(token_ids=given) if isinstance(given, list) else Prompt(text=given)
-    gen = await _service(request).start(request, ctx, body.model, prompt, _params(body, body.max_tokens))
+    gen = await service_of(request).start(request, ctx, body.model, prompt, _params(body, body.max_tokens))
     return await _answer(ctx, gen, "completion", body)
 
 
 async def embeddings(request: Request) -> Response:
     """POST /v1/embeddings: mean-pooled, L2-normalised vectors, the inputs decoded together."""
     ctx = context_of(request)
-    body = await validate(EmbeddingRequest, await read_json(request, _state(request).settings.max_body_bytes))
-    result = await _service(request).embed(request, ctx, body.model, body.texts(), body.dimensions)
+    body = await validate(EmbeddingRequest, await read_json(request, state_of(request).settings.max_body_bytes))
+    result = await service_of(request).embed(request, ctx, body.model, body.texts(), body.dimensions)
     encode = _base64 if body.encoding_format == "base64" else list
     data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)]
     tokens = result.prompt_tokens

@@ -142,3 +142,36 @@ def test_rejected_draft_leaves_no_trace(model: LlamaModel) -> None:
     assert clean_b.argmax() == after_b.argmax() and _cos(clean_b, after_b) >= 0.999
     model.clear_seq(0)
     model.clear_seq(1)
+
+
+def test_argmax_picks_what_llama_cpps_greedy_sampler_picks(gemma_path: Path) -> None:
+    """The in-place greedy pick (no candidate array) equals llama.cpp's greedy sampler at every position.
+
+    Also where the logits tie at the top (set so by hand): both keep the first maximum.
+    """
+    import llama_cpp as ll
+
+    from mlserve.engine.llama.model import Argmax
+
+    model = LlamaModel(gemma_path, n_ctx_seq=512, n_seq=1, n_threads=2)
+    try:
+        tokens = model.tokenize(f"{SYSTEM}\n\n{_dialogue(1, 600)}")
+        model.decode(tokens, list(range(len(tokens))), [0] * len(tokens), [True] * len(tokens))
+        fast = model.new_sampler(Sampling(max_tokens=8, temperature=0))
+        assert isinstance(fast, Argmax)
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        picks = [model.sample(fast, i) for i in range(len(tokens))]
+        assert picks == [int(ll.llama_sampler_sample(chain, model.ctx, i)) for i in range(len(tokens))]
+        assert len(set(picks)) > 5  # real, varied choices, not one token everywhere
+        row = np.ctypeslib.as_array(ll.llama_get_logits_ith(model.ctx, 0), shape=(model.n_vocab,))
+        top = float(row.max())
+        row[[7, 99, 4000]] = top + 1.0  # a three-way tie above everything else
+        assert model.sample(fast, 0) == int(ll.llama_sampler_sample(chain, model.ctx, 0)) == 7
+        penalized = model.new_sampler(Sampling(max_tokens=8, temperature=0, repeat_penalty=1.1))
+        assert not isinstance(penalized, Argmax)  # penalties keep llama.cpp's chain (it has state)
+        model.free_sampler(penalized)
+        model.free_sampler(fast)
+        ll.llama_sampler_free(chain)
+    finally:
+        model.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mlserve.engine.api import FinishEvent, TokenEvent
 from mlserve.engine.llama.factory import Overrides, tuning
-from mlserve.engine.prefill import MIN_CHUNK, StepCost, plan_prefill, prompt_budget
+from mlserve.engine.prefill import MIN_CHUNK, StepCost, fair_share_ms, plan_prefill, prompt_budget
 from mlserve.engine.scheduler import Scheduler
 from mlserve.engine.tuning import Tuning
 from tests.support.fake_decode import FakeDecodeModel
@@ -55,6 +55,20 @@ def test_prompt_budget_full_batch_when_nothing_streams() -> None:
     assert prompt_budget(cost, 24, 0, 100.0, 500) == MIN_CHUNK  # over the target already: still advances
 
 
+def test_waiting_prompts_get_their_fair_share_of_the_step() -> None:
+    cost = StepCost(ms_ubatch=10.0, ms_token=4.0, ms_logits=0.0)
+    # 12 prompts beside 4 streams are owed 3 x (10 + 4 x 4) = 78 ms: more than the target leaves (64 ms).
+    assert fair_share_ms(cost, 4, 12, 100.0) == 78.0
+    assert prompt_budget(cost, 4, 0, 100.0, 508, n_waiting=12) == 19
+    assert prompt_budget(cost, 4, 0, 100.0, 508, n_waiting=2) == 16  # owed 26 ms: the target decides
+    # 24 beside 8 are owed 3 x 42 = 126 ms, but the step stops at 1.25 x the target: 125 - (20 + 32) = 73 ms.
+    assert fair_share_ms(cost, 8, 24, 100.0) == 73.0
+    assert prompt_budget(cost, 8, 0, 100.0, 504, n_waiting=24) == 18
+    assert prompt_budget(cost, 8, 0, 100.0, 10, n_waiting=24) == 10  # the batch's room is still a hard limit
+    assert prompt_budget(cost, 30, 0, 100.0, 500, n_waiting=30) == MIN_CHUNK  # past 1.25 x: the floor
+    assert fair_share_ms(cost, 0, 5, 100.0) == fair_share_ms(cost, 3, 0, 100.0) == 0.0
+
+
 def test_running_streams_keep_their_pace_while_a_long_prompt_prefills() -> None:
     # A model unlike the starting estimates (30 ms a call, 2 ms a token): the policy must learn it.
     sched, model = make(max_step_ms=100.0, n_seq=5, n_batch=512, ms_fixed=30.0, ms_per_token=2.0)
@@ -75,6 +89,27 @@ def test_running_streams_keep_their_pace_while_a_long_prompt_prefills() -> None:
     run(sched, newcomer, *streams, limit=2000)
     assert isinstance(newcomer.end(), FinishEvent)
     assert [e.text for e in newcomer if isinstance(e, TokenEvent)][0] == "<7000>"
+
+
+def test_a_crowd_of_newcomers_is_not_starved_by_a_few_streams() -> None:
+    # Gemma-like costs: a micro-batch 20 ms, a token 3 ms, a logits row 3 ms; two long streams.
+    sched, model = make(max_step_ms=100.0, n_seq=8, n_batch=512, ms_fixed=20.0, ms_per_token=3.0, ms_per_logits=3.0)
+    streams = [submit(sched, request(f"s{i}", prompt(100 * (i + 1), 20), 3000)) for i in range(2)]
+    for _ in range(40):
+        sched.step()
+    crowd = [submit(sched, request(f"n{i}", prompt(5000 + 2000 * i, 1500), 2)) for i in range(6)]
+    chunks, streamed = [], []
+    while not any(crowd):
+        before = [len(s) for s in streams]
+        sched.step()
+        chunks.append(sum(1 for t in model.calls[-1].tokens if t >= 5000))
+        streamed.append([len(s) - b for s, b in zip(streams, before, strict=True)])
+    # The target alone would leave (100 - 2 x 20 - 2 x 6) / 3 = 16 tokens a step; six prompts beside two
+    # streams are owed 6/2 x (20 + 2 x 6) = 96 ms, capped where the step reaches 125 ms: 73 ms, 24 tokens.
+    settled = sorted(chunks[10:])
+    assert settled[len(settled) // 2] >= 22, chunks
+    assert all(n == [1, 1] for n in streamed), streamed  # the streams still get a token every step
+    assert max(model.step_ms[-len(chunks) + 10 :]) <= 125 * 1.1, model.step_ms[-len(chunks) :]
 
 
 def test_a_prompt_alone_goes_in_full_batches() -> None:

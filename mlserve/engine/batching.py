@@ -22,7 +22,7 @@ from typing import Any
 from mlserve.engine.api import BATCH_BUCKETS, Event, GenerationFailed, GenerationRequest, RequestError, StepStats
 from mlserve.engine.batch import Batch
 from mlserve.engine.decode import NO_KV_SLOT, DecodeError, DecodeModel
-from mlserve.engine.prefill import MIN_CHUNK, StepCost, plan_prefill, prompt_budget
+from mlserve.engine.prefill import MIN_CHUNK, StepCost, fair_share_ms, plan_prefill, prompt_budget
 from mlserve.engine.speculate import Drafter, draft_len, likely_len
 from mlserve.engine.stops import TextOut
 from mlserve.engine.tuning import Tuning
@@ -131,13 +131,15 @@ class BatchedSteps:
         specs = [s for s in gen if s.spec is not None] if t.speculate else []
         if not specs:
             return {}
-        prefilling = any(s.prefilled < len(s.req.prompt_tokens) and not s.req.deterministic for s in self._active)
+        waiting = len(self._waiting())
         per_draft = self.cost.ms_token + self.cost.ms_logits
         n = len(gen)
-        room = min(self.model.n_batch - n, self._prefill_cap, self.cost.budget(1, n, n, t.max_step_ms, per_draft))
+        # Beside waiting prompts, their fair share of the step is theirs (prefill.fair_share_ms).
+        target = t.max_step_ms - fair_share_ms(self.cost, n, waiting, t.max_step_ms)
+        room = min(self.model.n_batch - n, self._prefill_cap, self.cost.budget(1, n, n, target, per_draft))
         lefts = [s.req.sampling.max_tokens - s.generated - 1 for s in specs]  # never verify past max_tokens
         rates = [s.spec.rate for s in specs if s.spec is not None]
-        if prefilling:
+        if waiting:
             # The step runs to the time target for the prompt anyway: drafts share it (half the room at
             # most), each as long as the drafting streams' typical draft is more likely kept than not.
             k = likely_len(rates, min(t.draft_max, room // 2 // len(specs)))
@@ -159,16 +161,20 @@ class BatchedSteps:
 
     def _chunks(self, n_gen: int, n_extra: int, cap: int) -> list[tuple[Seq, int]]:
         """Prompt chunks for this step: the time target's budget, shortest remaining prompt first."""
-        waiting = [s for s in self._active if s.prefilled < len(s.req.prompt_tokens) and not s.req.deterministic]
+        waiting = self._waiting()
         if not waiting or cap <= 0:
             return []
         room = min(cap, self.model.n_batch - n_gen - n_extra)
-        budget = prompt_budget(self.cost, n_gen, n_extra, self.tuning.max_step_ms, room)
+        budget = prompt_budget(self.cost, n_gen, n_extra, self.tuning.max_step_ms, room, len(waiting))
         if n_gen:  # beside streams a chunk at most doubles, so one bad estimate cannot stall them for seconds
             budget = min(budget, max(2 * MIN_CHUNK, 2 * self._last_chunk))
             self._last_chunk = budget
         takes = plan_prefill([len(s.req.prompt_tokens) - s.prefilled for s in waiting], budget, room)
         return [(s, take) for s, take in zip(waiting, takes, strict=True) if take]
+
+    def _waiting(self) -> list[Seq]:
+        """Sequences whose prompt is still being processed in shared steps."""
+        return [s for s in self._active if s.prefilled < len(s.req.prompt_tokens) and not s.req.deterministic]
 
     def _verify(self, seq: Seq, index: int, draft: list[int], real: int, out: Out) -> None:
         """Sample at the last token and each draft in turn while the sample equals the draft; emit them.

@@ -7,8 +7,11 @@ the output layer again (262,144 rows for Gemma 3: as much as a token's layers). 
 ``ms_ubatch`` per micro-batch, ``ms_token`` per token and ``ms_logits`` per logits row, fitted
 online (least squares with forgetting) from every call's time. With streams running, a step
 takes the prompt tokens that keep it under ``max_step_ms``; with none, a full batch (prefill is
-then as efficient as it gets). Prompts nearest their end go first, and one that almost fits is
-finished in the same step, so a newcomer's first token is not held back by a sliver of prompt.
+then as efficient as it gets). However many streams run, waiting prompts get at least their fair
+share of a step (each as much time as one stream's token; the step then runs up to a quarter past
+the target), so a crowd of newcomers is not held to a sliver of each step behind a few streams.
+Prompts nearest their end go first, and one that almost fits is finished in the same step, so a
+newcomer's first token is not held back by a sliver of prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 FORGET = 0.95  # weight of the past in the fit: adapts within tens of steps, smooths one-off jitter
 MIN_CHUNK = 8  # prompt tokens a step takes at least, so a prompt always advances under any load
 FINISH_SLACK = 0.25  # a prompt whose rest is within budget * (1 + slack) is finished in one step
+STRETCH = 1.25  # a step may run this far past the target to give waiting prompts their fair share
 # Starting calls (Gemma 3 270M Q4_K_M, 2 threads, measured with benchmarks/clinical.py's machine):
 # (micro-batches, tokens, logits rows, ms). They always weigh as PRIOR_WEIGHT calls, so where the
 # measured calls cannot tell the terms apart (a lone stream: every call 1, 1, 1) the fit keeps their
@@ -120,13 +124,34 @@ def plan_prefill(remaining: list[int], budget: int, room: int) -> list[int]:
     return takes
 
 
-def prompt_budget(cost: StepCost, n_decode: int, n_extra: int, max_step_ms: float, room: int) -> int:
-    """Prompt tokens for this step: a full batch when no stream runs, else what the target leaves (>= MIN_CHUNK).
+def prompt_budget(
+    cost: StepCost, n_decode: int, n_extra: int, max_step_ms: float, room: int, n_waiting: int = 1
+) -> int:
+    """Prompt tokens for this step: a full batch when no stream runs, else what the target leaves.
 
     ``n_decode`` streams and ``n_extra`` drafts are in the call already, all with logits; a prompt
-    chunk beside them is a second micro-batch (its run is longer than theirs).
+    chunk beside them is a second micro-batch (its run is longer than theirs). At least
+    ``MIN_CHUNK``, and at least the waiting prompts' fair share (``fair_share_ms``): where many
+    prompts wait beside few streams, the step runs past the target (up to ``STRETCH`` times it).
     """
     if n_decode == 0:
         return room
     n = n_decode + n_extra
-    return min(room, max(MIN_CHUNK, cost.budget(2, n, n, max_step_ms, cost.ms_token)))
+    fill = cost.budget(2, n, n, max_step_ms, cost.ms_token)
+    fair = int(fair_share_ms(cost, n_decode, n_waiting, max_step_ms) / max(cost.ms_token, 1e-3))
+    return min(room, max(MIN_CHUNK, fill, fair))
+
+
+def fair_share_ms(cost: StepCost, n_decode: int, n_waiting: int, max_step_ms: float) -> float:
+    """The time a step owes ``n_waiting`` prompts beside ``n_decode`` streams: as much each as a stream's token.
+
+    Every request in the server gets an equal part of the step: a stream its next token (its
+    share of one micro-batch, its row and its logits), a waiting prompt as long a chunk; but the
+    step runs at most ``STRETCH`` times the target. Without it, six prompts waiting beside two
+    streams got 16 tokens a 100 ms step, a third of their speed alone, and the streams ran short
+    of company: fewer streams per step, more steps, later first tokens.
+    """
+    if n_decode == 0 or n_waiting == 0:
+        return 0.0
+    owed = n_waiting / n_decode * cost.predict(1, n_decode, n_decode)
+    return max(0.0, min(owed, STRETCH * max_step_ms - cost.predict(2, n_decode, n_decode)))

@@ -4,7 +4,9 @@
         [--max-tokens 256] [--rounds 2] [--servers spec,off,llama] [--output results.json]
 
 Every server gets the same GGUF file (the bundle's), threads, slots (``-np``/``--parallel``)
-and context per slot, one after the other. Each request is a dialogue from
+and context per slot. All the named servers start at once and take turns level by level (one
+measured at a time, the order rotating from level to level), so each level's figures for the
+servers are minutes apart. Each request is a dialogue from
 ``benchmarks/data/dialogue-to-note.jsonl`` summarised with the bundle's discharge-summary
 task prompt, rendered by the model's chat template exactly as ``mlserve eval`` sends it, and
 sent to ``/v1/completions`` as token ids (so both servers decode the very same tokens),
@@ -103,44 +105,35 @@ async def level(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[R
         await pool.aclose()
 
 
-def measure(
-    url: str, model: str, plan: list[tuple[int, list[list[int]]]], args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Every level on one server: vLLM's summary plus gap p50/max, goodput under the gap SLO, speculation."""
-    asyncio.run(level(url, [body(plan[0][1][0][:64], model, 4)], 1))  # warm-up, a prompt no level sends
-    out = []
-    for concurrency, rows in plan:
-        before = spec_counters(url)
-        results, duration = asyncio.run(level(url, [body(t, model, args.max_tokens) for t in rows], concurrency))
-        after = spec_counters(url)
-        s = summarize(
-            results, duration, max_concurrency=concurrency, request_rate=None, slo={"itl_ms": args.gap_slo_ms}
-        )
-        gaps = [g * 1000 for r in results if r.ok for g in r.itl]
-        s["p50_itl_ms"] = round(percentile(gaps, 50), 3)
-        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-        drafted = delta.get("mlserve_speculative_draft_tokens", 0.0)
-        steps = delta.get("mlserve_speculative_verifications", 0.0)
-        accepted = delta.get("mlserve_speculative_accepted_tokens", 0.0)
-        s["spec_drafted"], s["spec_accepted"], s["spec_verifications"] = drafted, accepted, steps
-        s["acceptance_rate"] = accepted / drafted if drafted else None
-        s["tokens_per_verification"] = (accepted + steps) / steps if steps else None
-        print(
-            f"  c={concurrency}: {s['output_throughput']:.1f} tok/s, ttft p50 {s['median_ttft_ms']:.0f} ms, "
-            f"gap p99 {s['p99_itl_ms']:.0f} max {s['max_itl_ms']:.0f} ms, {s['failed']} failed",
-            file=sys.stderr,
-            flush=True,
-        )
-        out.append(s)
-    return out
+def measure_level(
+    url: str, model: str, concurrency: int, rows: list[list[int]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One level on one server: vLLM's summary plus gap p50/max, goodput under the gap SLO, speculation."""
+    before = spec_counters(url)
+    results, duration = asyncio.run(level(url, [body(t, model, args.max_tokens) for t in rows], concurrency))
+    after = spec_counters(url)
+    s = summarize(results, duration, max_concurrency=concurrency, request_rate=None, slo={"itl_ms": args.gap_slo_ms})
+    gaps = [g * 1000 for r in results if r.ok for g in r.itl]
+    s["p50_itl_ms"] = round(percentile(gaps, 50), 3)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    drafted = delta.get("mlserve_speculative_draft_tokens", 0.0)
+    steps = delta.get("mlserve_speculative_verifications", 0.0)
+    accepted = delta.get("mlserve_speculative_accepted_tokens", 0.0)
+    s["spec_drafted"], s["spec_accepted"], s["spec_verifications"] = drafted, accepted, steps
+    s["acceptance_rate"] = accepted / drafted if drafted else None
+    s["tokens_per_verification"] = (accepted + steps) / steps if steps else None
+    print(
+        f"  c={concurrency}: {s['output_throughput']:.1f} tok/s, ttft p50 {s['median_ttft_ms']:.0f} ms, "
+        f"gap p99 {s['p99_itl_ms']:.0f} max {s['max_itl_ms']:.0f} ms, {s['failed']} failed",
+        file=sys.stderr,
+        flush=True,
+    )
+    return s
 
 
-def run_server(
-    name: str, bundle: Bundle, plan: list[tuple[int, list[list[int]]]], args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Start one server, measure every level, stop it."""
+def start_server(name: str, bundle: Bundle, plan: list[tuple[int, list[list[int]]]], args: argparse.Namespace) -> Any:
+    """Start one server (llama-server, or mlserve with speculation on or off) and warm it up."""
     par, ctx, threads = str(args.parallel), str(args.ctx), str(args.threads)
-    print(f"{SERVERS[name]}:", file=sys.stderr, flush=True)
     if name == "llama":
         path = Store().blob_path(bundle.model_sha256)
         server: Any = start_llama_server(args.llama_server, path, args.parallel, args.ctx, args.threads, args.port)
@@ -150,10 +143,32 @@ def run_server(
         if args.max_step_ms:
             flags += ["--max-step-ms", str(args.max_step_ms)]
         server = start_mlserve(bundle.ref, *flags)
+    warm = [body(plan[0][1][0][:64], bundle.ref, 4)]  # a prompt no level sends
+    asyncio.run(level(server.url, warm, 1))
+    return server
+
+
+def run_interleaved(
+    names: list[str], bundle: Bundle, plan: list[tuple[int, list[list[int]]]], args: argparse.Namespace
+) -> dict[str, list[dict[str, Any]]]:
+    """Every server up at once (idle ones cost no CPU); each level runs on each in turn, the order rotating.
+
+    So the servers' figures for a level are minutes apart, not a whole run: this machine's speed
+    drifts by 10-20% over tens of minutes, and a fixed order would favour whichever goes first.
+    """
+    servers: dict[str, Any] = {}
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
-        return measure(server.url, bundle.ref, plan, args)
+        for name in names:
+            servers[name] = start_server(name, bundle, plan, args)
+        for i, (concurrency, rows) in enumerate(plan):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                print(f"{SERVERS[name]}:", file=sys.stderr, flush=True)
+                out[name].append(measure_level(servers[name].url, bundle.ref, concurrency, rows, args))
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -254,10 +269,9 @@ def main() -> None:
         if doc.get("servers") and any(doc.get(k) != v for k, v in setup.items()):
             doc = {"servers": {}}  # another setup: start afresh
         doc.update(setup)
-        for name in names:
-            doc["servers"][name] = run_server(name, bundle, plan, args)
-            if args.output:
-                args.output.write_text(json.dumps(doc, indent=2) + "\n")
+        doc["servers"].update(run_interleaved(names, bundle, plan, args))
+        if args.output:
+            args.output.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))
 
 

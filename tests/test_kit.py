@@ -12,25 +12,22 @@ import hashlib
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import tarfile
-import threading
-import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from mlserve.bench.local_server import stop_process
 from mlserve.errors import UsageError
 from mlserve.kit import baseline as bl
 from mlserve.kit.install import KitMismatch, check_target
 from tests.conftest import CliResult
 from tests.support.ggufgen import write_tiny_llama
+from tests.support.servers import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,63 +71,12 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work / "kit.tar"
 
 
-class _Served:
-    """`VENV/bin/mlserve serve` on a free loopback port, its output pumped line by line."""
-
-    def __init__(self, mlserve: Path, home: Path, ref: str) -> None:
-        env = {**os.environ, "MLSERVE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [str(mlserve), "serve", ref, "--port", "0", "--parallel", "2", "--ctx-size", "256"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=home,
-        )
-        self.lines: list[str] = []
-        self.url: str | None = None
-        self._bound = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-            if match:
-                self.url = match.group(1)
-                self._bound.set()
-        self._bound.set()
-
-    def ready(self, timeout: float = 120) -> str:
-        assert self._bound.wait(timeout) and self.url, "".join(self.lines)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if any("failed to load" in line for line in self.lines):
-                break
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("server never became ready:\n" + "".join(self.lines))
-
-
-@pytest.fixture
-def served() -> Iterator[list[_Served]]:
-    procs: list[_Served] = []
-    yield procs
-    for p in procs:
-        stop_process(p.proc)
-
-
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".kit-" in p.name or ".partial" in p.name)
 
 
 @needs_netns
-def test_kit_installs_offline_imports_and_serves(kit: Path, tmp_path: Path, served: list[_Served]) -> None:
+def test_kit_installs_offline_imports_and_serves(kit: Path, tmp_path: Path) -> None:
     home, venv = tmp_path / "site-home", tmp_path / "venv"
     res = _mlserve(home, "kit", "install", str(kit), "--venv", str(venv), "--json", netns=True)
     assert res.returncode == 0, res.stderr
@@ -146,10 +92,12 @@ def test_kit_installs_offline_imports_and_serves(kit: Path, tmp_path: Path, serv
         check=True,
     )
     assert where.stdout.startswith(str(venv)), where.stdout
-    server = _Served(venv / "bin" / "mlserve", home, "tiny")
-    served.append(server)
-    url = server.ready()
-    resp = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4}, timeout=60)
+    command = [str(venv / "bin" / "mlserve")]
+    flags = ("--parallel", "2", "--ctx-size", "256")
+    with ServerProcess(home, ["tiny"], *flags, command=command, cwd=home, bind_timeout=120) as server:
+        server.wait_ready(120)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        resp = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-mlserve-model"] == "tiny:1" and resp.json()["usage"]["completion_tokens"] >= 1
 

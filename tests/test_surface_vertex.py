@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +14,6 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from mlserve.bench.local_server import stop_process
 from mlserve.engine.api import Event, GenerationRequest
 from mlserve.engine.fake import FakeEngine, FakeScript
 from mlserve.errors import UsageError
@@ -31,7 +24,7 @@ from mlserve.server.app import create_app
 from mlserve.server.settings import ServerSettings
 from mlserve.server.state import ServedModel
 from mlserve.server.surfaces.vertex import MAX_INSTANCES, vertex_env
-from tests.support.storeutil import REPO
+from tests.support.servers import ServerProcess
 
 PREDICT = "/v1/endpoints/123/deployedModels/456:predict"
 HEALTH = "/v1/endpoints/123/deployedModels/456"
@@ -222,47 +215,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _VertexServer:
-    """``mlserve serve REF`` with no --port, as Vertex AI runs it: the port comes from AIP_HTTP_PORT."""
-
-    def __init__(self, home: Path, ref: str, env: dict[str, str]) -> None:
-        full = {**os.environ, "MLSERVE_HOME": str(home), "PYTHONUNBUFFERED": "1", **env}
-        args = [sys.executable, "-m", "mlserve", "serve", ref]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full, cwd=REPO
-        )
-        self.lines: list[str] = []
-        self.url = ""
-        bound = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                found = re.search(r"listening on (http://\S+)", line)
-                if found:
-                    self.url = found.group(1)
-                    bound.set()
-            bound.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not bound.wait(60) or not self.url:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines))
-
-    def wait(self, path: str, timeout: float = 120) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r = httpx.get(self.url + path, timeout=5)
-            if r.status_code == 200:
-                return r
-            time.sleep(0.05)
-        raise RuntimeError("never ready:\n" + "".join(self.lines))
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
 def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
@@ -271,11 +223,11 @@ def _metric(text: str, name: str) -> float:
 def test_vertex_predict_real_model(gemma_home: Path) -> None:
     port = _free_port()
     env = {"AIP_HTTP_PORT": str(port), "AIP_PREDICT_ROUTE": PREDICT, "AIP_HEALTH_ROUTE": HEALTH}
-    server = _VertexServer(gemma_home, "gemma3-270m", env)
+    server = ServerProcess(gemma_home, ["gemma3-270m"], env=env, free_port=False)
     try:
-        assert server.url == f"http://127.0.0.1:{port}"  # AIP_HTTP_PORT, since no --port was given
-        assert "Vertex AI reaches the container on 0.0.0.0" in "".join(server.lines)
-        server.wait(HEALTH)
+        assert server.listened == f"http://127.0.0.1:{port}"  # AIP_HTTP_PORT, since no --port was given
+        assert "Vertex AI reaches the container on 0.0.0.0" in server.log
+        server.wait_ready(120, HEALTH)
         before = _metric(httpx.get(server.url + "/metrics").text, "mlserve_decode_steps_total")
         instances = [
             {"messages": [{"role": "user", "content": "Name three symptoms of influenza."}]},

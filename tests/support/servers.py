@@ -22,23 +22,41 @@ RECIPE = REPO / "recipes" / "gemma3-270m.yaml"
 
 
 class ServerProcess:
-    """A running server whose stderr is captured line by line."""
+    """A running server whose stderr is captured line by line.
 
-    def __init__(self, home: Path, refs: list[str], *flags: str, env: dict[str, str] | None = None) -> None:
+    ``command``: what runs ``serve`` (default: this checkout's ``python -m mlserve``; a kit test
+    passes another venv's ``mlserve``). ``free_port=False`` leaves the port to the flags or the
+    environment (Vertex AI's ``AIP_HTTP_PORT``). ``url`` is loopback on the bound port;
+    ``listened`` is the address the server printed.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        refs: list[str],
+        *flags: str,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        cwd: Path = REPO,
+        free_port: bool = True,
+        bind_timeout: float = 60,
+    ) -> None:
         full_env = {**os.environ, "MLSERVE_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
+        argv = [*(command or [sys.executable, "-m", "mlserve"]), "serve", *refs]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlserve", "serve", *refs, "--port", "0", *flags],
+            [*argv, *(["--port", "0"] if free_port else []), *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=full_env,
-            cwd=REPO,
+            cwd=cwd,
         )
         self.lines: list[str] = []
+        self.listened = ""
         self._port: int | None = None
         self._bound = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
-        if not self._bound.wait(60) or self._port is None:
+        if not self._bound.wait(bind_timeout) or self._port is None:
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.lines))
         self.url = f"http://127.0.0.1:{self._port}"
@@ -53,18 +71,18 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
-            match = re.search(r"listening on https?://[^:]+:(\d+)", line)
+            match = re.search(r"listening on (https?://[^:]+:(\d+))", line)
             if match:
-                self._port = int(match.group(1))
+                self.listened, self._port = match.group(1), int(match.group(2))
                 self._bound.set()
         self._bound.set()
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Poll /health/ready until 200."""
+    def wait_ready(self, timeout: float = 60, path: str = "/health/ready") -> None:
+        """Poll ``path`` until 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

@@ -88,12 +88,13 @@ class BatchedSteps:
     def _decode(self, gen: list[Seq], cap: int, out: Out, *, drafts: bool = True) -> None:
         """Decode ``gen``'s next tokens (plus drafts to verify) and up to ``cap`` prompt tokens; sample."""
         batch = Batch()
-        drafted = self._drafts(gen) if drafts else {}
+        waiting = [s for s in self._active if s.prefilled < len(s.req.prompt_tokens) and not s.req.deterministic]
+        drafted = self._drafts(gen, len(waiting)) if drafts else {}
         verify: list[tuple[Seq, int, list[int], int]] = []
         for seq in gen:  # each sequence's last token and its drafts in one run: logits at every one
             draft, real = drafted.get(seq.slot, ([], 0))
             verify.append((seq, batch.add(seq.slot, [seq.last, *draft], seq.n_past, logits=True), draft, real))
-        chunks = self._chunks(len(gen), len(batch) - len(gen), cap)
+        chunks = self._chunks(waiting, len(gen), len(batch) - len(gen), cap)
         completes: list[tuple[Seq, int]] = []
         for seq, take in chunks:
             start = seq.prefilled
@@ -125,13 +126,12 @@ class BatchedSteps:
                 seq.sampler = m.new_sampler(seq.req.sampling)
             self._on_token(seq, m.sample(seq.sampler, index), out)
 
-    def _drafts(self, gen: list[Seq]) -> dict[int, tuple[list[int], int]]:
+    def _drafts(self, gen: list[Seq], waiting: int) -> dict[int, tuple[list[int], int]]:
         """Per slot: the tokens to verify and how many of them are prompt-lookup drafts (the rest pad)."""
         t = self.tuning
         specs = [s for s in gen if s.spec is not None] if t.speculate else []
         if not specs:
             return {}
-        waiting = len(self._waiting())
         per_draft = self.cost.ms_token + self.cost.ms_logits
         n = len(gen)
         # Beside waiting prompts, their fair share of the step is theirs (prefill.fair_share_ms).
@@ -159,9 +159,8 @@ class BatchedSteps:
                 out[seq.slot] = (draft, real)
         return out
 
-    def _chunks(self, n_gen: int, n_extra: int, cap: int) -> list[tuple[Seq, int]]:
+    def _chunks(self, waiting: list[Seq], n_gen: int, n_extra: int, cap: int) -> list[tuple[Seq, int]]:
         """Prompt chunks for this step: the time target's budget, shortest remaining prompt first."""
-        waiting = self._waiting()
         if not waiting or cap <= 0:
             return []
         room = min(cap, self.model.n_batch - n_gen - n_extra)
@@ -171,10 +170,6 @@ class BatchedSteps:
             self._last_chunk = budget
         takes = plan_prefill([len(s.req.prompt_tokens) - s.prefilled for s in waiting], budget, room)
         return [(s, take) for s, take in zip(waiting, takes, strict=True) if take]
-
-    def _waiting(self) -> list[Seq]:
-        """Sequences whose prompt is still being processed in shared steps."""
-        return [s for s in self._active if s.prefilled < len(s.req.prompt_tokens) and not s.req.deterministic]
 
     def _verify(self, seq: Seq, index: int, draft: list[int], real: int, out: Out) -> None:
         """Sample at the last token and each draft in turn while the sample equals the draft; emit them.

@@ -46,6 +46,9 @@ def test_plan_prefill_shortest_first_and_finishes_what_almost_fits() -> None:
     assert plan_prefill([45, 900], 40, 512) == [45, 0]
     assert plan_prefill([60, 900], 40, 512) == [40, 0]
     assert plan_prefill([45], 40, 42) == [40]  # the batch's room is a hard limit
+    # Floors first (a prompt between two streams keeps them in one micro-batch), then shortest first.
+    assert plan_prefill([500, 30, 2000], 40, 512, [1, 0, 1]) == [9, 30, 1]
+    assert plan_prefill([500, 3, 2000], 4, 512, [5, 5, 5]) == [5, 3, 5]  # floors may pass the budget
 
 
 def test_prompt_budget_full_batch_when_nothing_streams() -> None:

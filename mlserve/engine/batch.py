@@ -6,13 +6,14 @@ from __future__ import annotations
 class Batch:
     """Runs of consecutive positions of one sequence each, appended in order."""
 
-    __slots__ = ("tokens", "pos", "seqs", "want")
+    __slots__ = ("tokens", "pos", "seqs", "want", "runs")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.pos: list[int] = []
         self.seqs: list[int] = []
         self.want: list[bool] = []
+        self.runs: list[tuple[int, int]] = []  # (sequence id, tokens) per run, in batch order
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -30,4 +31,29 @@ class Batch:
         self.want.extend([logits] * n)
         if last and n and not logits:
             self.want[-1] = True
+        if n:
+            self.runs.append((seq, n))
         return at
+
+    def ubatches(self, n_ubatch: int) -> int:
+        """How many micro-batches llama.cpp splits this batch into with per-sequence KV streams.
+
+        Its ``split_equal(sequential=true)`` takes, in batch order, the first sequence with tokens
+        left and then only the sequence whose id is one more than the last one taken, and from each
+        of them as many tokens as the shortest has left. So sequences 0, 2 and 5 decode as three
+        micro-batches (each reading all the weights), 0 to 5 as one when every id between is there.
+        """
+        left = [n for _, n in self.runs]
+        ids = [s for s, _ in self.runs]
+        count = 0
+        while True:
+            chain: list[int] = []
+            for i, n in enumerate(left):
+                if n and (not chain or ids[i] == ids[chain[-1]] + 1):
+                    chain.append(i)
+            if not chain:
+                return count
+            take = max(1, min(min(left[i] for i in chain), n_ubatch // len(chain)))
+            for i in chain:
+                left[i] -= min(take, left[i])
+            count += 1

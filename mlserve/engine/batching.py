@@ -86,17 +86,27 @@ class BatchedSteps:
         raise NotImplementedError
 
     def _decode(self, gen: list[Seq], cap: int, out: Out, *, drafts: bool = True) -> None:
-        """Decode ``gen``'s next tokens (plus drafts to verify) and up to ``cap`` prompt tokens; sample."""
+        """Decode ``gen``'s next tokens (plus drafts to verify) and up to ``cap`` prompt tokens; sample.
+
+        Runs go into the batch in ascending sequence id, and a waiting prompt whose id lies between
+        two streams' takes a run too (``_chunks``): llama.cpp then decodes the streams together
+        in one micro-batch (plus one for the prompt chunk's rest), not one micro-batch each.
+        """
         batch = Batch()
         waiting = [s for s in self._active if s.prefilled < len(s.req.prompt_tokens) and not s.req.deterministic]
         drafted = self._drafts(gen, len(waiting)) if drafts else {}
+        run_len = 1 + max((len(d) for d, _ in drafted.values()), default=0) if gen else 0
+        n_extra = sum(len(d) for d, _ in drafted.values())
+        chunks = self._chunks(waiting, gen, n_extra, cap, run_len)
+        runs: list[tuple[int, Seq, int]] = [(s.slot, s, 0) for s in gen] + [(s.slot, s, take) for s, take in chunks]
         verify: list[tuple[Seq, int, list[int], int]] = []
-        for seq in gen:  # each sequence's last token and its drafts in one run: logits at every one
-            draft, real = drafted.get(seq.slot, ([], 0))
-            verify.append((seq, batch.add(seq.slot, [seq.last, *draft], seq.n_past, logits=True), draft, real))
-        chunks = self._chunks(waiting, len(gen), len(batch) - len(gen), cap)
         completes: list[tuple[Seq, int]] = []
-        for seq, take in chunks:
+        for _, seq, take in sorted(runs, key=lambda r: r[0]):
+            if not take:  # a stream: its last token and its drafts in one run, logits at every one
+                draft, real = drafted.get(seq.slot, ([], 0))
+                at = batch.add(seq.slot, [seq.last, *draft], seq.n_past, logits=True)
+                verify.append((seq, at, draft, real))
+                continue
             start = seq.prefilled
             done = start + take == len(seq.req.prompt_tokens)
             batch.add(seq.slot, seq.req.prompt_tokens[start : start + take], start, logits=False, last=done)
@@ -110,8 +120,7 @@ class BatchedSteps:
         except DecodeError as exc:
             self._on_decode_error(exc, gen, chunks, out, bool(drafted))
             return
-        ubatches = 2 if gen and chunks else 1  # a prompt chunk's run is longer than the streams' runs
-        self.cost.observe(ubatches, len(batch), sum(batch.want), (self._clock() - t0) * 1000)
+        self.cost.observe(batch.ubatches(self.model.n_batch), len(batch), sum(batch.want), (self._clock() - t0) * 1000)
         self._failures_in_row = 0
         self._prefill_cap = min(self.model.n_batch, self._prefill_cap * 2)
         self._count_step(len(batch))
@@ -159,16 +168,29 @@ class BatchedSteps:
                 out[seq.slot] = (draft, real)
         return out
 
-    def _chunks(self, waiting: list[Seq], n_gen: int, n_extra: int, cap: int) -> list[tuple[Seq, int]]:
-        """Prompt chunks for this step: the time target's budget, shortest remaining prompt first."""
+    def _chunks(
+        self, waiting: list[Seq], gen: list[Seq], n_extra: int, cap: int, run_len: int
+    ) -> list[tuple[Seq, int]]:
+        """Prompt chunks for this step: the time target's budget, shortest remaining prompt first.
+
+        A waiting prompt whose sequence id lies between two streams' first takes ``run_len`` tokens
+        (the streams' longest run) where the budget allows, else one: llama.cpp batches only
+        consecutive sequence ids together, so without it each stream would be a micro-batch of
+        its own, reading all the weights again (``Batch.ubatches``).
+        """
         if not waiting or cap <= 0:
             return []
+        n_gen = len(gen)
         room = min(cap, self.model.n_batch - n_gen - n_extra)
         budget = prompt_budget(self.cost, n_gen, n_extra, self.tuning.max_step_ms, room, len(waiting))
         if n_gen:  # beside streams a chunk at most doubles, so one bad estimate cannot stall them for seconds
             budget = min(budget, max(2 * MIN_CHUNK, 2 * self._last_chunk))
             self._last_chunk = budget
-        takes = plan_prefill([len(s.req.prompt_tokens) - s.prefilled for s in waiting], budget, room)
+        slots = [s.slot for s in gen]
+        between = [min(slots) < s.slot < max(slots) for s in waiting] if slots else [False] * len(waiting)
+        floor = run_len if run_len * sum(between) <= budget else 1
+        floors = [floor if b else 0 for b in between]
+        takes = plan_prefill([len(s.req.prompt_tokens) - s.prefilled for s in waiting], budget, room, floors)
         return [(s, take) for s, take in zip(waiting, takes, strict=True) if take]
 
     def _verify(self, seq: Seq, index: int, draft: list[int], real: int, out: Out) -> None:

@@ -1,8 +1,8 @@
 """Chunked prefill: how many prompt tokens a step may take so running streams keep their pace.
 
 A step's cost is modelled from what the scheduler measures (``StepCost``): llama.cpp splits a
-batch into micro-batches of equal-length runs per sequence, and each micro-batch reads all the
-weights again; every token costs its layers; and every token whose logits are asked for costs
+batch into micro-batches of equal-length runs of consecutive sequence ids (``Batch.ubatches``),
+and each micro-batch reads all the weights again; every token costs its layers; and every token whose logits are asked for costs
 the output layer again (262,144 rows for Gemma 3: as much as a token's layers). So a call costs
 ``ms_ubatch`` per micro-batch, ``ms_token`` per token and ``ms_logits`` per logits row, fitted
 online (least squares with forgetting) from every call's time. With streams running, a step
@@ -104,21 +104,25 @@ class StepCost:
         return max(0, int(room / max(per_token, 1e-3)))
 
 
-def plan_prefill(remaining: list[int], budget: int, room: int) -> list[int]:
+def plan_prefill(remaining: list[int], budget: int, room: int, floors: list[int] | None = None) -> list[int]:
     """Prompt tokens to take from each prefilling sequence (same order as ``remaining``).
 
     ``budget``: tokens the time target allows; ``room``: tokens left in the batch (hard limit).
-    Shortest rest first; a rest within ``FINISH_SLACK`` of the budget is taken whole.
+    Each first takes up to its ``floors`` entry (the batch's room allowing), then the rest goes
+    shortest rest first; a rest within ``FINISH_SLACK`` of the budget is taken whole.
     """
     takes = [0] * len(remaining)
-    left = min(budget, room)
+    for i, rest in enumerate(remaining):
+        takes[i] = min(rest, floors[i] if floors else 0, room)
+        room -= takes[i]
+    left = min(budget - sum(takes), room)
     for i in sorted(range(len(remaining)), key=lambda j: remaining[j]):
         if left <= 0:
             break
-        rest = remaining[i]
+        rest = remaining[i] - takes[i]
         stretch = min(room, int(left * (1 + FINISH_SLACK)))
         take = rest if rest <= stretch else min(rest, left)
-        takes[i] = take
+        takes[i] += take
         left -= take
         room -= take
     return takes

@@ -6,8 +6,8 @@ keeps real per-sequence KV bookkeeping: it asserts every decoded position extend
 sequence's cells without a gap, so a scheduler that loses track of positions fails loudly.
 Failures are scripted: ``fail_at`` (call index -> rc), ``fail_when`` (a predicate on the
 batch), ``max_tokens`` (rc 1 for bigger batches, like a cache with no room) and ``raise_at``.
-Time is simulated: each decode advances ``now`` by ``ms_fixed`` per micro-batch (as llama.cpp
-splits a batch: one per distinct run length of the sequences in it) plus ``ms_per_token`` per
+Time is simulated: each decode advances ``now`` by ``ms_fixed`` per micro-batch (``split``:
+llama.cpp's split with per-sequence KV streams, token by token) plus ``ms_per_token`` per
 token (``clock`` reads it), so the scheduler's step-cost policy is tested without sleeping.
 """
 
@@ -19,6 +19,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlserve.engine.decode import DecodeError
+
+
+def split(seqs: list[int], n_ubatch: int) -> list[list[int]]:
+    """The micro-batches (batch indices) llama.cpp's ``split_equal(sequential=true)`` makes of a batch.
+
+    Token by token in batch order: the first unused token's sequence, then only a sequence whose
+    id is one more than the last taken; then the same number of tokens from each, as many as the
+    one with fewest unused has left (at most ``n_ubatch`` in all).
+    """
+    used = [False] * len(seqs)
+    out: list[list[int]] = []
+    while not all(used):
+        chain: list[int] = []
+        for i, s in enumerate(seqs):
+            if not used[i] and s not in chain and (not chain or s == chain[-1] + 1):
+                chain.append(s)
+        todo = {s: [i for i, t in enumerate(seqs) if t == s and not used[i]] for s in chain}
+        take = max(1, min(min(len(v) for v in todo.values()), n_ubatch // len(chain)))
+        ubatch = [i for s in chain for i in todo[s][:take]]
+        for i in ubatch:
+            used[i] = True
+        out.append(ubatch)
+    return out
 
 
 @dataclass(frozen=True)
@@ -96,7 +119,7 @@ class FakeDecodeModel:
             if self.n_swa:
                 self.floor[s] = max(self.floor.get(s, 0), p + 1 - self.n_swa)
         self._last = call
-        ubatches = len({seqs.count(s) for s in set(seqs)})
+        ubatches = len(split(seqs, self.n_batch))
         cost = self.ms_fixed * ubatches + self.ms_per_token * len(tokens) + self.ms_per_logits * sum(want)
         self.now += cost / 1000
         self.step_ms.append(cost)

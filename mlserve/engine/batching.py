@@ -2,7 +2,8 @@
 
 ``BatchedSteps`` is the part of ``Scheduler`` that packs a step: every generating sequence's
 last token, with prompt-lookup drafts to verify where they pay (``speculate.py``), then
-prompt chunks sized by the step-time target (``prefill.py``), in one ``llama_decode``. After
+prompt chunks sized by the step-time target (``prefill.py``), in one ``llama_decode``, runs in
+ascending sequence id (llama.cpp batches only consecutive ids in one micro-batch). After
 the call each sequence samples at its last token and at each draft while the sample equals
 the draft; rejected drafts' cells leave its KV stream at once, so nothing of them is ever
 attended to, by it or by another sequence (each has its own sequence id).

@@ -2,16 +2,17 @@
 
 A step's cost is modelled from what the scheduler measures (``StepCost``): llama.cpp splits a
 batch into micro-batches of equal-length runs of consecutive sequence ids (``Batch.ubatches``),
-and each micro-batch reads all the weights again; every token costs its layers; and every token whose logits are asked for costs
-the output layer again (262,144 rows for Gemma 3: as much as a token's layers). So a call costs
-``ms_ubatch`` per micro-batch, ``ms_token`` per token and ``ms_logits`` per logits row, fitted
-online (least squares with forgetting) from every call's time. With streams running, a step
-takes the prompt tokens that keep it under ``max_step_ms``; with none, a full batch (prefill is
-then as efficient as it gets). However many streams run, waiting prompts get at least their fair
-share of a step (each as much time as one stream's token; the step then runs up to a quarter past
-the target), so a crowd of newcomers is not held to a sliver of each step behind a few streams.
-Prompts nearest their end go first, and one that almost fits is finished in the same step, so a
-newcomer's first token is not held back by a sliver of prompt.
+and each micro-batch reads all the weights again; every token costs its layers; and every token
+whose logits are asked for costs the output layer again (262,144 rows for Gemma 3: as much as a
+token's layers). So a call costs ``ms_ubatch`` per micro-batch, ``ms_token`` per token and
+``ms_logits`` per logits row, fitted online (least squares with forgetting) from every call's
+time. With streams running, a step takes the prompt tokens that keep it under ``max_step_ms``;
+with none, a full batch (prefill is then as efficient as it gets). However many streams run,
+waiting prompts get at least their fair share of a step (each as much time as one stream's
+token; the step then runs up to a quarter past the target), so a crowd of newcomers is not held
+to a sliver of each step behind a few streams. Prompts nearest their end go first, and one that
+almost fits is finished in the same step, so a newcomer's first token is not held back by a
+sliver of prompt.
 """
 
 from __future__ import annotations

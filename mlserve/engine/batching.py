@@ -187,8 +187,8 @@ class BatchedSteps:
         if n_gen:  # beside streams a chunk at most doubles, so one bad estimate cannot stall them for seconds
             budget = min(budget, max(2 * MIN_CHUNK, 2 * self._last_chunk))
             self._last_chunk = budget
-        slots = [s.slot for s in gen]
-        between = [min(slots) < s.slot < max(slots) for s in waiting] if slots else [False] * len(waiting)
+        lo, hi = (min(s.slot for s in gen), max(s.slot for s in gen)) if gen else (0, 0)
+        between = [lo < s.slot < hi for s in waiting]
         floor = run_len if run_len * sum(between) <= budget else 1
         floors = [floor if b else 0 for b in between]
         takes = plan_prefill([len(s.req.prompt_tokens) - s.prefilled for s in waiting], budget, room, floors)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from itertools import groupby
+
 
 class Batch:
     """Runs of consecutive positions of one sequence each, appended in order."""
 
-    __slots__ = ("tokens", "pos", "seqs", "want", "runs")
+    __slots__ = ("tokens", "pos", "seqs", "want")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.pos: list[int] = []
         self.seqs: list[int] = []
         self.want: list[bool] = []
-        self.runs: list[tuple[int, int]] = []  # (sequence id, tokens) per run, in batch order
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -31,8 +32,6 @@ class Batch:
         self.want.extend([logits] * n)
         if last and n and not logits:
             self.want[-1] = True
-        if n:
-            self.runs.append((seq, n))
         return at
 
     def ubatches(self, n_ubatch: int) -> int:
@@ -43,8 +42,9 @@ class Batch:
         of them as many tokens as the shortest has left. So sequences 0, 2 and 5 decode as three
         micro-batches (each reading all the weights), 0 to 5 as one when every id between is there.
         """
-        left = [n for _, n in self.runs]
-        ids = [s for s, _ in self.runs]
+        runs = [(s, len(list(g))) for s, g in groupby(self.seqs)]  # (sequence id, tokens), batch order
+        left = [n for _, n in runs]
+        ids = [s for s, _ in runs]
         count = 0
         while True:
             chain: list[int] = []

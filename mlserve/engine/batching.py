@@ -99,10 +99,11 @@ class BatchedSteps:
         run_len = 1 + max((len(d) for d, _ in drafted.values()), default=0) if gen else 0
         n_extra = sum(len(d) for d, _ in drafted.values())
         chunks = self._chunks(waiting, gen, n_extra, cap, run_len)
-        runs: list[tuple[int, Seq, int]] = [(s.slot, s, 0) for s in gen] + [(s.slot, s, take) for s, take in chunks]
+        takes = {s.slot: take for s, take in chunks}
         verify: list[tuple[Seq, int, list[int], int]] = []
         completes: list[tuple[Seq, int]] = []
-        for _, seq, take in sorted(runs, key=lambda r: r[0]):
+        for seq in sorted([*gen, *(s for s, _ in chunks)], key=slot_of):
+            take = takes.get(seq.slot, 0)
             if not take:  # a stream: its last token and its drafts in one run, logits at every one
                 draft, real = drafted.get(seq.slot, ([], 0))
                 at = batch.add(seq.slot, [seq.last, *draft], seq.n_past, logits=True)

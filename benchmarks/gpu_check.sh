@@ -10,9 +10,17 @@
 # CPU build stays installed and the CPU figures come from the same checkout in the same run.
 #
 #   bash benchmarks/gpu_check.sh            # PY=.venv/bin/python WORK=/tmp/mlserve-gpu-check by default
+#
+# With no network (an air-gapped GPU server), name the files to use instead of fetching:
+#   LLAMA_SDIST=llama_cpp_python-0.3.36.tar.gz   build from this sdist, without build isolation
+#                                                (scikit-build-core, cmake and ninja must be installed)
+#   BUNDLE_TAR=gemma3-270m.tar                   `mlserve import` this export instead of `mlserve pull`
+# Where PY has no CPU build of llama-cpp-python, the CPU figures come from the CUDA build with
+# no GPU visible (CUDA_VISIBLE_DEVICES=): the same CPU code, and the script says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=$(command -v python3)
 WORK=${WORK:-/tmp/mlserve-gpu-check}
 PROMPTS=${PROMPTS:-48}
 
@@ -23,7 +31,13 @@ export PATH="$PATH:/usr/local/cuda/bin"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free,compute_cap --format=csv
 # compute_cap "9.0" -> CMAKE_CUDA_ARCHITECTURES=90: one architecture keeps the build to minutes.
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d ' .')
-LLAMA_VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+if [ -n "${LLAMA_SDIST:-}" ]; then
+    LLAMA_VERSION=$(basename "$LLAMA_SDIST" | sed -E 's/^llama_cpp_python-(.*)\.tar\.gz$/\1/')
+    SOURCE=("$(realpath "$LLAMA_SDIST")" --no-build-isolation)
+else
+    LLAMA_VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+    SOURCE=("llama-cpp-python==$LLAMA_VERSION")
+fi
 mkdir -p "$WORK/wheel"
 WHEEL=$(ls "$WORK"/wheel/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)
 if [ -z "$WHEEL" ]; then
@@ -31,7 +45,7 @@ if [ -z "$WHEEL" ]; then
     start=$(date +%s)
     CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH" \
         CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-        "$PY" -m pip wheel --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_VERSION" -w "$WORK/wheel" >&2
+        "$PY" -m pip wheel --no-deps --no-cache-dir "${SOURCE[@]}" -w "$WORK/wheel" >&2
     echo "CUDA wheel built in $(( $(date +%s) - start )) s" >&2
     WHEEL=$(ls "$WORK"/wheel/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n1)
 fi
@@ -40,8 +54,18 @@ rm -rf "$WORK/site" && mkdir -p "$WORK/site"
 chmod 755 "$WORK"/site/llama_cpp/lib/*.so* 2>/dev/null || true
 
 export MLSERVE_HOME="$WORK/home"
-"$PY" -m mlserve pull gemma3-270m --json > /dev/null
 cuda() { (export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"; "$@"); }
+if "$PY" -c 'import llama_cpp' 2>/dev/null; then
+    cpu() { "$@"; }
+else
+    echo "no CPU build beside $PY: the CPU figures come from the CUDA build with no GPU visible" >&2
+    cpu() { (export CUDA_VISIBLE_DEVICES=; cuda "$@"); }
+fi
+if [ -n "${BUNDLE_TAR:-}" ]; then
+    cpu "$PY" -m mlserve list --json | grep '"gemma3-270m"' > /dev/null || cpu "$PY" -m mlserve import "$BUNDLE_TAR" --json > /dev/null
+else
+    cpu "$PY" -m mlserve pull gemma3-270m --json > /dev/null
+fi
 
 # The build must really offload: doctor (from the CUDA build) names the backend and devices.
 cuda "$PY" -m mlserve doctor --quick --json > "$WORK/doctor.json" || true
@@ -57,8 +81,8 @@ bench() {
     "$PY" -m mlserve bench gemma3-270m --concurrency 1,8,16 --num-prompts "$PROMPTS" --input-len 128 \
         --output-len 128 --parallel 16 --ctx-size 1024 --json "$@"
 }
-echo "bench: CPU build (this venv)" >&2
-bench > "$WORK/cpu.json"
+echo "bench: CPU build" >&2
+cpu bench > "$WORK/cpu.json"
 echo "bench: CUDA build, --gpu-layers all" >&2
 cuda bench --gpu-layers -1 > "$WORK/gpu.json"
 

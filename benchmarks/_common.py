@@ -42,9 +42,12 @@ def _wait_ready(url: str, path: str, proc: subprocess.Popen[str], timeout: float
     raise RuntimeError("server never became ready")
 
 
-def start_mlserve(ref: str, *flags: str) -> LocalServer:
-    """`mlserve serve REF --port 0 FLAGS`, ready (the same launcher `mlserve bench REF` uses)."""
-    server = LocalServer(ref, list(flags))
+def start_mlserve(ref: str, *flags: str, src: Path | None = None) -> LocalServer:
+    """`mlserve serve REF --port 0 FLAGS`, ready (the same launcher `mlserve bench REF` uses).
+
+    ``src``: serve another mlserve source tree's code (a baseline), not this one's.
+    """
+    server = LocalServer(ref, list(flags), src=src)
     server.start()
     return server
 

@@ -13,6 +13,12 @@ sent to ``/v1/completions`` as token ids (so both servers decode the very same t
 greedy, streamed, timed by ``mlserve bench``'s client. Level c sends ``rounds * c``
 requests, c at a time, with dialogues no earlier level used (no prompt cache helps).
 
+``--baseline-src DIR`` adds ``spec-base`` and ``off-base``: the same two mlserve servers from
+another source tree (e.g. ``git worktree add /tmp/base HEAD~1``), run with DIR as their working
+directory, since ``python -m mlserve`` imports ``./mlserve`` before anything on PYTHONPATH. With
+them, each level also prints this tree's tok/s and TTFT as ratios to the baseline's: a change's
+before and after in one interleaved run.
+
 Prints output tok/s, TTFT p50, TPOT, inter-token gap p50/p99/max, ratios to llama-server,
 goodput under a gap SLO (no gap above --gap-slo-ms), and for mlserve with speculation the
 acceptance rate and mean tokens per verification (from /metrics). ``--output`` keeps every
@@ -45,7 +51,13 @@ from mlserve.eval.dataset import read_dataset  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "dialogue-to-note.jsonl"
 TASK = "discharge-summary"
-SERVERS = {"spec": "mlserve (speculation)", "off": "mlserve (no speculation)", "llama": "llama-server"}
+SERVERS = {
+    "llama": "llama-server",
+    "spec": "mlserve (speculation)",
+    "spec-base": "baseline (speculation)",
+    "off": "mlserve (no speculation)",
+    "off-base": "baseline (no speculation)",
+}
 _COUNTER = re.compile(r"^(mlserve_speculative_\w+?)(?:_total)?\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
 
 
@@ -138,11 +150,12 @@ def start_server(name: str, bundle: Bundle, plan: list[tuple[int, list[list[int]
         path = Store().blob_path(bundle.model_sha256)
         server: Any = start_llama_server(args.llama_server, path, args.parallel, args.ctx, args.threads, args.port)
     else:
+        mode, _, base = name.partition("-")
         flags = ["--parallel", par, "--ctx-size", ctx, "--threads", threads, "--request-timeout", "0"]
-        flags += ["--speculate" if name == "spec" else "--no-speculate"]
+        flags += ["--speculate" if mode == "spec" else "--no-speculate"]
         if args.max_step_ms:
             flags += ["--max-step-ms", str(args.max_step_ms)]
-        server = start_mlserve(bundle.ref, *flags)
+        server = start_mlserve(bundle.ref, *flags, src=args.baseline_src.resolve() if base else None)
     warm = [body(plan[0][1][0][:64], bundle.ref, 4)]  # a prompt no level sends
     asyncio.run(level(server.url, warm, 1))
     return server
@@ -199,7 +212,7 @@ def table(doc: dict[str, Any]) -> str:
     for i, c in enumerate(doc["levels"]):
         lines += ["", f"concurrency {c}", " | ".join(head), "-" * 120]
         base = runs.get("llama", [None] * (i + 1))[i] if "llama" in runs else None
-        for name in ("llama", "spec", "off"):
+        for name in SERVERS:
             if name not in runs or i >= len(runs[name]):
                 continue
             r = runs[name][i]
@@ -220,6 +233,12 @@ def table(doc: dict[str, Any]) -> str:
                 tpv,
             )
             lines.append(" | ".join(row))
+        for mode in ("spec", "off"):
+            ours, base = (runs.get(k, [])[i] if i < len(runs.get(k, [])) else None for k in (mode, f"{mode}-base"))
+            if ours and base:
+                tok = _ratio(ours["output_throughput"], base["output_throughput"])
+                ttft = _ratio(ours["median_ttft_ms"], base["median_ttft_ms"])
+                lines.append(f"{SERVERS[mode]} / its baseline: tok/s {tok}, TTFT {ttft}")
     return "\n".join(lines)
 
 
@@ -230,7 +249,10 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency")
-    parser.add_argument("--servers", default="spec,off,llama", help="which to run, in order: spec, off, llama")
+    parser.add_argument(
+        "--servers", default="spec,off,llama", help="which to run, in order: spec, off, llama, spec-base, off-base"
+    )
+    parser.add_argument("--baseline-src", type=Path, default=None, help="the source tree spec-base and off-base serve")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=2600, help="context per slot")
@@ -246,10 +268,16 @@ def main() -> None:
     if args.output and args.output.exists():
         doc = json.loads(args.output.read_text())
     if not args.table:
-        bundle = Store().resolve(args.ref)
         names = [n.strip() for n in args.servers.split(",") if n.strip()]
         if "llama" in names and not args.llama_server:
             parser.error("--llama-server PATH is needed to run llama-server")
+        unknown = [n for n in names if n not in SERVERS]
+        if unknown:
+            parser.error(f"unknown server {unknown[0]!r}: choose from {', '.join(SERVERS)}")
+        base_ok = args.baseline_src is not None and (args.baseline_src / "mlserve").is_dir()
+        if any(n.endswith("-base") for n in names) and not base_ok:
+            parser.error("spec-base and off-base need --baseline-src DIR, a tree with mlserve/ in it")
+        bundle = Store().resolve(args.ref)
         rows = prompts(bundle, args.dataset, args.rounds * sum(levels), args.threads, args.ctx, args.max_tokens)
         plan, at = [], 0
         for c in levels:

@@ -8,8 +8,8 @@
 
     python benchmarks/concurrency.py [--ref gemma3-270m] [--llama-server PATH] [--baseline-src DIR] [--tokens 64]
 
-Run it from outside the checkout (cd /tmp) when using --baseline-src, so `python -m mlserve`
-is not shadowed by the current directory.
+The baseline's server runs with DIR as its working directory: `python -m mlserve` imports
+./mlserve before anything on PYTHONPATH, so that is what makes it serve DIR's code.
 
 Each HTTP level runs `concurrency` clients that each send --rounds requests back to back
 (distinct short prompts, max_tokens=--tokens, greedy); aggregate = completion tokens
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -116,11 +115,7 @@ def against_baseline(
     """
     flags = ("--parallel", str(max(levels)), "--ctx-size", str(CTX))
     ours_srv = start_mlserve(ref, *flags)
-    os.environ["PYTHONPATH"] = str(src.resolve())  # the baseline's server imports its own tree
-    try:
-        base_srv = start_mlserve(ref, *flags)
-    finally:
-        del os.environ["PYTHONPATH"]
+    base_srv = start_mlserve(ref, *flags, src=src.resolve())  # the baseline's server imports its own tree
     runs: dict[str, dict[int, list[float]]] = {"ours": {c: [] for c in levels}, "base": {c: [] for c in levels}}
     try:
         for c in levels:

@@ -34,8 +34,15 @@ def stop_process(proc: subprocess.Popen[str], grace: float = 30.0) -> None:
 class LocalServer:
     """A ``mlserve serve`` subprocess bound to 127.0.0.1 on a port the OS picks."""
 
-    def __init__(self, ref: str, extra_args: list[str], start_timeout: float = 300.0) -> None:
+    def __init__(
+        self, ref: str, extra_args: list[str], start_timeout: float = 300.0, src: str | os.PathLike[str] | None = None
+    ) -> None:
+        """``src``: another mlserve source tree to serve from. The server runs with it as its working
+        directory, because ``python -m mlserve`` imports ``./mlserve`` before anything on PYTHONPATH
+        (so PYTHONPATH alone, run from a checkout, serves the checkout's code).
+        """
         self.ref = ref
+        self.src = src
         self.args = [sys.executable, "-m", "mlserve", "serve", ref, "--host", "127.0.0.1", "--port", "0"]
         self.args += ["--log-level", "warning", *extra_args]
         self.start_timeout = start_timeout
@@ -62,7 +69,13 @@ class LocalServer:
         """Start the server and wait until /health/ready answers 200; return its base URL."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=self.src,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + self.start_timeout

@@ -234,10 +234,10 @@ def table(doc: dict[str, Any]) -> str:
             )
             lines.append(" | ".join(row))
         for mode in ("spec", "off"):
-            ours, base = (runs.get(k, [])[i] if i < len(runs.get(k, [])) else None for k in (mode, f"{mode}-base"))
-            if ours and base:
-                tok = _ratio(ours["output_throughput"], base["output_throughput"])
-                ttft = _ratio(ours["median_ttft_ms"], base["median_ttft_ms"])
+            ours, older = runs.get(mode, [])[i : i + 1], runs.get(f"{mode}-base", [])[i : i + 1]
+            if ours and older:
+                tok = _ratio(ours[0]["output_throughput"], older[0]["output_throughput"])
+                ttft = _ratio(ours[0]["median_ttft_ms"], older[0]["median_ttft_ms"])
                 lines.append(f"{SERVERS[mode]} / its baseline: tok/s {tok}, TTFT {ttft}")
     return "\n".join(lines)
 

@@ -62,7 +62,7 @@ else
     cpu() { (export CUDA_VISIBLE_DEVICES=; cuda "$@"); }
 fi
 if [ -n "${BUNDLE_TAR:-}" ]; then
-    cpu "$PY" -m mlserve list --json | grep '"gemma3-270m"' > /dev/null || cpu "$PY" -m mlserve import "$BUNDLE_TAR" --json > /dev/null
+    cpu "$PY" -m mlserve import "$BUNDLE_TAR" --json > /dev/null  # idempotent: an identical bundle is kept as it is
 else
     cpu "$PY" -m mlserve pull gemma3-270m --json > /dev/null
 fi
